@@ -1,0 +1,27 @@
+"""kernforge: fast, testable deep-learning kernels for NVIDIA GPUs (Hopper first).
+
+Public API: :mod:`kernforge.ops` (the catalog), :func:`set_backend`, :func:`backend`,
+:func:`get_backend`, and the error types in :mod:`kernforge.errors`.
+"""
+
+from . import device  # first: decides Triton interpretation before any kernel is defined
+from . import config, errors, kernels, ops  # noqa: F401  (kernels registers the impls)
+from .dispatch import FallbackWarning, backend, get_backend, registered, set_backend
+from .errors import (
+    ArgumentError,
+    CompileError,
+    ConfigError,
+    DeviceError,
+    DTypeError,
+    KernforgeError,
+    ShapeError,
+    UnsupportedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentError", "CompileError", "ConfigError", "DTypeError", "DeviceError", "FallbackWarning",
+    "KernforgeError", "ShapeError", "UnsupportedError", "backend", "config", "device",
+    "errors", "get_backend", "ops", "registered", "set_backend", "__version__",
+]  # fmt: skip

@@ -1,0 +1,84 @@
+"""Every ``KERNFORGE_*`` setting, read in one place.
+
+Settings are read from the environment once, at import, into :data:`settings`. Tests and
+tools that change the environment afterwards call :func:`reload`.
+
+| variable | values | default | meaning |
+| --- | --- | --- | --- |
+| ``KERNFORGE_BACKEND`` | auto, triton, torch | auto | backend for catalog ops |
+| ``KERNFORGE_DISABLE_FALLBACK`` | 0, 1 | 0 | raise ``UnsupportedError`` instead of falling back to torch |
+| ``KERNFORGE_INTERPRET`` | auto, 0, 1 | auto | run Triton kernels in Triton's CPU interpreter (auto: when no CUDA GPU) |
+| ``KERNFORGE_CACHE_DIR`` | a path | ~/.cache/kernforge | compiled artefacts and tuning results |
+| ``KERNFORGE_CHECK_INDICES`` | 0, 1 | 1 | check index inputs (e.g. rope position ids) against their table; costs a device sync |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+
+
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The parsed ``KERNFORGE_*`` environment. See the module docstring for the table."""
+
+    backend: str = "auto"
+    disable_fallback: bool = False
+    interpret: str = "auto"  # "auto" | "0" | "1"
+    cache_dir: Path = Path("~/.cache/kernforge").expanduser()
+    check_indices: bool = True
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Parse settings from ``env`` (default: ``os.environ``); raises ``ConfigError``."""
+        env = dict(os.environ if env is None else env)
+        cache = env.get("KERNFORGE_CACHE_DIR") or "~/.cache/kernforge"
+        return cls(
+            backend=_choice(env, "KERNFORGE_BACKEND", BACKENDS, "auto"),
+            disable_fallback=_flag(env, "KERNFORGE_DISABLE_FALLBACK", False),
+            interpret=_choice(env, "KERNFORGE_INTERPRET", ("auto", "0", "1"), "auto"),
+            cache_dir=Path(cache).expanduser(),
+            check_indices=_flag(env, "KERNFORGE_CHECK_INDICES", True),
+        )
+
+    def describe(self) -> dict[str, str]:
+        """The settings as strings, for ``kernforge info`` and benchmark records."""
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+
+settings: Settings = Settings.from_env()
+
+
+def reload(env: dict[str, str] | None = None) -> Settings:
+    """Re-read the environment (or ``env``) into :data:`settings` and return it.
+
+    ``KERNFORGE_INTERPRET`` only takes effect at import: Triton fixes the interpreter choice
+    when kernels are decorated.
+    """
+    global settings
+    settings = Settings.from_env(env)
+    return settings

@@ -1,0 +1,93 @@
+"""Helpers shared by the kernel families: support checks, 2-D row views, output allocation,
+launch sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .. import device
+
+#: dtypes the Triton kernels take (they compute in fp32 and store in the input dtype).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Widest row a single-pass row kernel holds in registers.
+MAX_ROW = 65536
+
+_poison = False
+
+
+def poison_outputs(enabled: bool) -> None:
+    """Fill every kernel output with NaN before the kernel runs (tests use this to prove that
+    every element is written)."""
+    global _poison
+    _poison = enabled
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous output buffer for a kernel to fill (NaN-poisoned while testing)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and not torch.compiler.is_compiling():
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype references compute in: fp32, or fp64 for fp64 input."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def triton_reason(*tensors: torch.Tensor | None) -> str | None:
+    """None when Triton can run on these tensors' device and dtypes, else the reason."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in TRITON_DTYPES:
+            return f"dtype {t.dtype} (Triton kernels take float16, bfloat16, float32)"
+        reason = device.triton_runs_on(t.device)
+        if reason is not None:
+            return reason
+    return None
+
+
+def row_reason(n: int) -> str | None:
+    """None when a row of ``n`` features fits the single-pass row kernels."""
+    if n > MAX_ROW:
+        return f"rows of {n} features exceed the single-pass limit of {MAX_ROW}"
+    return None
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 2-D [rows, features] tensor with unit feature stride, a view when possible."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+@dataclass(frozen=True)
+class RowLaunch:
+    """Tile and launch sizes of a row kernel: BLOCK_M rows of BLOCK_N (>= n) features."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
+    def grid(self, rows: int) -> tuple[int]:
+        return (triton.cdiv(rows, self.block_m),)
+
+
+def row_launch(n: int, elem_bytes: int = 2) -> RowLaunch:
+    """Launch sizes for rows of ``n`` features of ``elem_bytes``-byte elements.
+
+    A tile holds about 16 KiB of input per program on the GPU (several rows when rows are
+    short), with 16-byte accesses per thread; under the interpreter a tile is as large as is
+    cheap, since programs run one after another.
+    """
+    block_n = triton.next_power_of_2(max(n, 1))
+    tile_bytes = 1 << 18 if device.INTERPRET else 1 << 14
+    block_m = max(1, min(64, tile_bytes // (block_n * elem_bytes)))
+    vec = max(1, 16 // elem_bytes)  # elements per 16-byte access
+    warps = block_m * block_n // (vec * 32 * 2)  # two 16-byte accesses per thread
+    num_warps = max(1, min(16, triton.next_power_of_2(max(warps, 1))))
+    return RowLaunch(block_m, block_n, num_warps)
