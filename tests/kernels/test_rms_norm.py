@@ -116,3 +116,26 @@ def test_rms_norm_weight_on_other_device():
     x = randn((4, 8))
     with pytest.raises(kf.DeviceError, match="weight"):
         ops.rms_norm(x, torch.ones(8))
+
+
+def test_rms_norm_compiles_fullgraph_with_backward():
+    torch._dynamo.reset()
+
+    def block(x, w, r):
+        y, h = ops.rms_norm(x, w, 1e-6, residual=r)
+        return (ops.rms_norm(y, w) * h).sum()
+
+    x = randn((4, 48), requires_grad=True)
+    w = randn((48,), requires_grad=True)
+    r = randn((4, 48), requires_grad=True)
+    with kf.backend("triton"):
+        compiled = torch.compile(block, fullgraph=True)  # raises on any graph break
+        loss = compiled(x, w, r)
+        got = torch.autograd.grad(loss, [x, w, r])
+    xd, wd, rd = f64(x, w, r)
+    with kf.backend("torch"):
+        ref = block(xd, wd, rd)
+    want = torch.autograd.grad(ref, [xd, wd, rd])
+    assert_close(loss, ref, torch.float32, "loss")
+    for g, r_, name in zip(got, want, ["dx", "dw", "dr"], strict=True):
+        assert_close(g, r_, torch.float32, name)

@@ -1,0 +1,255 @@
+"""Timing, roofline and result files for benchmarks.
+
+Every case races kernforge against the references a user would pick instead (torch eager and
+``torch.compile`` of the same computation), all measured in the same run, on random inputs.
+On a GPU, times are medians of event-timed runs (``triton.testing.do_bench``, L2 flushed
+between runs); bandwidth is compared with this GPU's own device-to-device copy rate, measured
+by :func:`copy_bandwidth` in the same run. Without a GPU the same cases run small through
+Triton's interpreter, to check correctness only: those times are not performance.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import config, device
+from ..progress import Progress
+
+#: Reference implementations raced in every case, in report order.
+REFERENCES = ("torch", "torch.compile")
+
+
+def time_fn(fn: Callable[[], object], on_gpu: bool, rep_ms: int = 200) -> float:
+    """Median milliseconds of one call of ``fn``: CUDA-event timed on the GPU, else wall clock."""
+    if on_gpu:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up: first-call tracing and caches stay out of the figure
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(on_gpu: bool, nbytes: int = 1 << 30) -> float:
+    """This device's copy bandwidth in TB/s (bytes read plus bytes written, per second)."""
+    if not on_gpu:
+        nbytes = 1 << 24
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda" if on_gpu else "cpu")
+    src.uniform_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), on_gpu)
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+@dataclass
+class Case:
+    """One benchmark: an op at one shape, dtype and direction.
+
+    ``make()`` builds fresh random inputs and returns ``{impl name: zero-argument callable}``
+    for "kernforge" and each of :data:`REFERENCES` it can build, and a ``check`` callable
+    returning kernforge's relative error against a float32-or-better reference.
+    """
+
+    family: str
+    op: str
+    direction: str  # "fwd" | "bwd"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int  # fewest bytes the computation must move (inputs read once, outputs written once)
+    make: Callable[[], tuple[dict[str, Callable[[], object]], Callable[[], float]]]
+    target_tbs: float | None = None  # the issue's bar for kernforge, in TB/s
+
+    @property
+    def label(self) -> str:
+        dims = "x".join(str(d) for d in self.shape)
+        return f"{self.op} {self.direction} [{dims}] {str(self.dtype).replace('torch.', '')}"
+
+
+@dataclass
+class Result:
+    """Measured figures of one case."""
+
+    family: str
+    op: str
+    direction: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+    ms: dict[str, float] = field(default_factory=dict)
+    tbs: dict[str, float] = field(default_factory=dict)
+    rel_err: float = math.nan
+    frac_of_copy: float = math.nan
+    vs: dict[str, float] = field(default_factory=dict)  # kernforge speed-up over each reference
+    target_tbs: float | None = None
+    meets_target: bool | None = None
+    error: str = ""
+
+
+def run_case(case: Case, on_gpu: bool, copy_tbs: float, with_compile: bool) -> Result:
+    """Time one case's implementations and compare them."""
+    res = Result(case.family, case.op, case.direction, list(case.shape),
+                 str(case.dtype).replace("torch.", ""), case.nbytes, target_tbs=case.target_tbs)  # fmt: skip
+    try:
+        impls, check = case.make()
+        res.rel_err = float(check())
+        for name, fn in impls.items():
+            if name == "torch.compile" and not with_compile:
+                continue
+            res.ms[name] = time_fn(fn, on_gpu)
+            res.tbs[name] = case.nbytes / (res.ms[name] * 1e-3) / 1e12
+    except Exception as exc:  # a failing case is reported, not fatal to the whole run
+        res.error = f"{type(exc).__name__}: {exc}"[:500]
+        return res
+    finally:
+        if on_gpu:
+            torch.cuda.empty_cache()
+    kf_ms = res.ms.get("kernforge")
+    if kf_ms:
+        res.frac_of_copy = res.tbs["kernforge"] / copy_tbs
+        res.vs = {name: res.ms[name] / kf_ms for name in REFERENCES if name in res.ms}
+        if case.target_tbs is not None and on_gpu:
+            res.meets_target = res.tbs["kernforge"] >= case.target_tbs and all(
+                v >= 1.0 for k, v in res.vs.items() if k == "torch.compile"
+            )
+    return res
+
+
+def run_cases(cases: list[Case], on_gpu: bool | None = None, with_compile: bool | None = None,
+              copy_tbs: float | None = None) -> tuple[list[Result], float]:  # fmt: skip
+    """Run ``cases`` with a progress bar; returns the results and the copy bandwidth (TB/s)."""
+    on_gpu = device.cuda_available() if on_gpu is None else on_gpu
+    with_compile = on_gpu if with_compile is None else with_compile
+    copy_tbs = copy_bandwidth(on_gpu) if copy_tbs is None else copy_tbs
+    results = []
+    with Progress(len(cases), "bench") as bar:
+        for case in cases:
+            results.append(run_case(case, on_gpu, copy_tbs, with_compile))
+            bar.step(case.label)
+    return results, copy_tbs
+
+
+def environment(copy_tbs: float, on_gpu: bool) -> dict:
+    """Device, versions and settings recorded with every result file."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device.describe(),
+        "settings": config.settings.describe(),
+        "copy_tbs": round(copy_tbs, 4),
+        "timing": "median of CUDA-event timed runs (triton.testing.do_bench), L2 flushed"
+        if on_gpu
+        else "CPU wall clock through Triton's interpreter: NOT performance figures",
+    }
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def table(results: list[Result], on_gpu: bool) -> str:
+    """A Markdown table of results."""
+    unit = "TB/s" if on_gpu else "GB/s (CPU, not performance)"
+    scale = 1.0 if on_gpu else 1e3
+    head = (f"| case | kernforge {unit} | torch {unit} | compile {unit} | % copy | "
+            "x torch | x compile | rel err | target |")  # fmt: skip
+    lines = [head, "|" + "---|" * 9]
+    for r in results:
+        dims = "x".join(map(str, r.shape))
+        name = f"{r.op} {r.direction} [{dims}] {r.dtype}"
+        if r.error:
+            lines.append(f"| {name} | error: {r.error} |" + " |" * 7)
+            continue
+        t = {k: _fmt(v * scale) for k, v in r.tbs.items()}
+        if r.meets_target is None:
+            target = "-"
+        else:
+            verdict = "met" if r.meets_target else "MISSED"
+            target = f"{verdict} (>= {r.target_tbs} TB/s, >= 1.0x compile)"
+        lines.append(
+            f"| {name} | {t.get('kernforge', '-')} | {t.get('torch', '-')} | "
+            f"{t.get('torch.compile', '-')} | {_fmt(100 * r.frac_of_copy)} | "
+            f"{_fmt(r.vs.get('torch'))} | {_fmt(r.vs.get('torch.compile'))} | "
+            f"{_fmt(r.rel_err, 2)} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(family: str, results: list[Result], env: dict, out_dir: Path,
+                  notes: str = "") -> list[Path]:  # fmt: skip
+    """Write ``<family>.json``, ``<family>.md`` and (with matplotlib) ``<family>.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    on_gpu = env["device"].get("gpu", "none") != "none"
+    payload = {"family": family, "environment": env, "notes": notes,
+               "results": [asdict(r) for r in results]}  # fmt: skip
+    paths = [out_dir / f"{family}.json", out_dir / f"{family}.md"]
+    _atomic_write(paths[0], json.dumps(payload, indent=1) + "\n")
+    dev = env["device"]
+    md = [
+        f"# {family} benchmark",
+        "",
+        f"{env['date']} on {dev.get('gpu')} ({dev.get('arch')}), torch {dev['torch']}, "
+        f"triton {dev['triton']}. Copy bandwidth measured in this run: {env['copy_tbs']:.3g} TB/s.",
+        f"Timing: {env['timing']}.",
+        "",
+        table(results, on_gpu),
+        "",
+    ]
+    if notes:
+        md += ["## Notes", "", notes, ""]
+    _atomic_write(paths[1], "\n".join(md))
+    png = plot(family, results, env, out_dir / f"{family}.png")
+    if png is not None:
+        paths.append(png)
+    return paths
+
+
+def plot(family: str, results: list[Result], env: dict, path: Path) -> Path | None:
+    """Bar plot of achieved bandwidth per case and implementation, with the copy roofline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in results if not r.error]
+    if not ok:
+        return None
+    names = ["kernforge", *REFERENCES]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(ok) + 2), 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(ok))]
+        ax.bar(xs, [r.tbs.get(name, 0.0) for r in ok], width, label=name)
+    ax.axhline(env["copy_tbs"], color="k", linestyle="--", linewidth=1,
+               label=f"copy roofline {env['copy_tbs']:.2f} TB/s")  # fmt: skip
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ok))])
+    ax.set_xticklabels([f"{r.op} {r.direction}\n{'x'.join(map(str, r.shape))}" for r in ok],
+                       fontsize=7)  # fmt: skip
+    ax.set_ylabel("achieved TB/s")
+    ax.set_title(f"kernforge {family} on {env['device'].get('gpu')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
