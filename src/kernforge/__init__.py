@@ -4,8 +4,13 @@ Public API: :mod:`kernforge.ops` (the catalog), :func:`set_backend`, :func:`back
 :func:`get_backend`, and the error types in :mod:`kernforge.errors`.
 """
 
-from . import device  # first: decides Triton interpretation before any kernel is defined
-from . import config, errors, kernels, ops  # noqa: F401  (kernels registers the impls)
+from . import (  # noqa: F401  (kernels registers the impls)
+    config,
+    device,  # first: decides Triton interpretation before any kernel is defined
+    errors,
+    kernels,
+    ops,
+)
 from .dispatch import FallbackWarning, backend, get_backend, registered, set_backend
 from .errors import (
     ArgumentError,

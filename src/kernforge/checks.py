@@ -43,14 +43,18 @@ def same_device(op: str, **tensors: torch.Tensor | None) -> None:
     given = {k: v.device for k, v in tensors.items() if v is not None}
     if len(set(given.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in given.items())
-        raise DeviceError(f"{op}: inputs must be on one device, got {listed}. Move them with .to().")
+        raise DeviceError(
+            f"{op}: inputs must be on one device, got {listed}. Move them with .to()."
+        )
 
 
 def shape(op: str, name: str, x: torch.Tensor, expected: tuple[int, ...], why: str = "") -> None:
     """``x.shape`` must equal ``expected``."""
     if tuple(x.shape) != tuple(expected):
         extra = f" ({why})" if why else ""
-        raise ShapeError(f"{op}: {name} has shape {tuple(x.shape)}, expected {tuple(expected)}{extra}")
+        raise ShapeError(
+            f"{op}: {name} has shape {tuple(x.shape)}, expected {tuple(expected)}{extra}"
+        )
 
 
 def last_dim_vector(op: str, name: str, w: torch.Tensor | None, x: torch.Tensor) -> None:

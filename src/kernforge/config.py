@@ -3,13 +3,14 @@
 Settings are read from the environment once, at import, into :data:`settings`. Tests and
 tools that change the environment afterwards call :func:`reload`.
 
-| variable | values | default | meaning |
-| --- | --- | --- | --- |
-| ``KERNFORGE_BACKEND`` | auto, triton, torch | auto | backend for catalog ops |
-| ``KERNFORGE_DISABLE_FALLBACK`` | 0, 1 | 0 | raise ``UnsupportedError`` instead of falling back to torch |
-| ``KERNFORGE_INTERPRET`` | auto, 0, 1 | auto | run Triton kernels in Triton's CPU interpreter (auto: when no CUDA GPU) |
-| ``KERNFORGE_CACHE_DIR`` | a path | ~/.cache/kernforge | compiled artefacts and tuning results |
-| ``KERNFORGE_CHECK_INDICES`` | 0, 1 | 1 | check index inputs (e.g. rope position ids) against their table; costs a device sync |
+- ``KERNFORGE_BACKEND`` (auto | triton | torch, default auto): backend for catalog ops.
+- ``KERNFORGE_DISABLE_FALLBACK`` (0 | 1, default 0): raise ``UnsupportedError`` instead of
+  falling back to torch when the chosen backend cannot run the inputs.
+- ``KERNFORGE_INTERPRET`` (auto | 0 | 1, default auto): run Triton kernels in Triton's CPU
+  interpreter; auto means "when there is no CUDA GPU". Read once, at import.
+- ``KERNFORGE_CACHE_DIR`` (a path, default ~/.cache/kernforge): compiled artefacts, tuning.
+- ``KERNFORGE_CHECK_INDICES`` (0 | 1, default 1): check index inputs (rope's position ids)
+  against their table before launch; costs a device sync.
 """
 
 from __future__ import annotations

@@ -167,11 +167,7 @@ def rope(
             f"rope: position_ids has shape {tuple(position_ids.shape)}, expected [{b}, {s}], "
             f"[1, {s}] or [{s}]"
         )
-    if (
-        config.settings.check_indices
-        and position_ids.numel()
-        and not torch.compiler.is_compiling()
-    ):
+    if config.settings.check_indices and position_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(position_ids.min()), int(position_ids.max())
         if lo < 0 or hi >= table:
             raise ShapeError(

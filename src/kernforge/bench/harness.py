@@ -100,8 +100,9 @@ class Result:
 
 def run_case(case: Case, on_gpu: bool, copy_tbs: float, with_compile: bool) -> Result:
     """Time one case's implementations and compare them."""
-    res = Result(case.family, case.op, case.direction, list(case.shape),
-                 str(case.dtype).replace("torch.", ""), case.nbytes, target_tbs=case.target_tbs)  # fmt: skip
+    dtype = str(case.dtype).replace("torch.", "")
+    res = Result(case.family, case.op, case.direction, list(case.shape), dtype, case.nbytes,
+                 target_tbs=case.target_tbs)  # fmt: skip
     try:
         impls, check = case.make()
         res.rel_err = float(check())

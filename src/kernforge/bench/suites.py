@@ -136,7 +136,10 @@ def _make(build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile):
         ref_args = [a.detach().to(ref_dtype) for a in args]
         if direction == "fwd":
             calls = {name: (lambda f=f: f(*args)) for name, f in impls.items()}
-            check = lambda: _rel_err(_as_tuple(kernforge(*args)), _as_tuple(torch_fn(*ref_args)))  # noqa: E731
+
+            def check():
+                return _rel_err(_as_tuple(kernforge(*args)), _as_tuple(torch_fn(*ref_args)))
+
             return calls, check
         calls, grads = {}, {}
         for name, f in impls.items():
@@ -151,7 +154,8 @@ def _make(build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile):
         ref_outs = _as_tuple(torch_fn(*ref_leaves))
 
         def check():
-            want = torch.autograd.grad(ref_outs, ref_leaves, [g.to(ref_dtype) for g in grads["kernforge"][1]])
+            ref_gouts = [g.to(ref_dtype) for g in grads["kernforge"][1]]
+            want = torch.autograd.grad(ref_outs, ref_leaves, ref_gouts)
             return _rel_err(grads["kernforge"][0](), want)
 
         return calls, check

@@ -77,14 +77,24 @@ class RowLaunch:
         return (triton.cdiv(rows, self.block_m),)
 
 
-def row_launch(n: int, elem_bytes: int = 2) -> RowLaunch:
+#: Launch sizes measured best on the GPU, keyed by (kernel, BLOCK_N, element bytes); filled
+#: from benchmarks/sweep_rows.py runs on an H100. Missing keys use the heuristic below.
+TUNED: dict[tuple[str, int, int], RowLaunch] = {}
+
+
+def row_launch(n: int, elem_bytes: int = 2, kernel: str = "") -> RowLaunch:
     """Launch sizes for rows of ``n`` features of ``elem_bytes``-byte elements.
 
-    A tile holds about 16 KiB of input per program on the GPU (several rows when rows are
-    short), with 16-byte accesses per thread; under the interpreter a tile is as large as is
-    cheap, since programs run one after another.
+    ``kernel`` names the kernel for the measured :data:`TUNED` table (GPU only). Otherwise a
+    tile holds about 16 KiB of input per program on the GPU (several rows when rows are short),
+    with 16-byte accesses per thread; under the interpreter a tile is as large as is cheap,
+    since programs run one after another.
     """
     block_n = triton.next_power_of_2(max(n, 1))
+    if not device.INTERPRET:
+        tuned = TUNED.get((kernel, block_n, elem_bytes))
+        if tuned is not None:
+            return tuned
     tile_bytes = 1 << 18 if device.INTERPRET else 1 << 14
     block_m = max(1, min(64, tile_bytes // (block_n * elem_bytes)))
     vec = max(1, 16 // elem_bytes)  # elements per 16-byte access

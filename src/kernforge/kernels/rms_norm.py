@@ -15,6 +15,9 @@ from .. import device
 from ..dispatch import register_impl
 from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast
 
+#: Backward programs per SM: each accumulates a partial weight gradient over its rows.
+BWD_PROGRAMS_PER_SM = 2
+
 
 @triton.jit
 def _rms_norm_fwd_kernel(
@@ -93,7 +96,7 @@ def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | 
     rstd = new_output(x.shape[:-1], torch.float32, x.device)
     m = x2.shape[0]
     if m > 0:
-        cfg = row_launch(n, x.element_size())
+        cfg = row_launch(n, x.element_size(), "rms_norm_fwd")
         _rms_norm_fwd_kernel[cfg.grid(m)](
             x2, r2, weight if weight is not None else x2, y, h, rstd,
             m, n, x2.stride(0), r2.stride(0), n, n, eps,
@@ -148,8 +151,8 @@ def rms_norm_bwd(
     dh2 = as_rows(dh) if dh is not None else dy2
     dx = _empty_rows(x)
     m = x2.shape[0]
-    cfg = row_launch(n, x.element_size())
-    programs = max(1, min(triton.cdiv(m, cfg.block_m), device.num_sms() * 2))
+    cfg = row_launch(n, x.element_size(), "rms_norm_bwd")
+    programs = max(1, min(triton.cdiv(m, cfg.block_m), device.num_sms() * BWD_PROGRAMS_PER_SM))
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     if m > 0:
         _rms_norm_bwd_kernel[(programs,)](
@@ -187,7 +190,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.kernforge.rms_norm_bwd(dy, dh if ctx.has_residual else None, h, weight, rstd)
+        dh = dh if ctx.has_residual else None
+        dx, dw = torch.ops.kernforge.rms_norm_bwd(dy, dh, h, weight, rstd)
         dres = dx if ctx.has_residual and ctx.needs_input_grad[2] else None
         return dx, (dw if weight is not None else None), dres, None
 
