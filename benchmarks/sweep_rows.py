@@ -30,7 +30,18 @@ SWEEPS = {
 }
 BLOCK_M = [1, 2, 4]
 WARPS = [4, 8, 16, 32]
-PER_SM = [1, 2, 4]
+# Backward kernels (a loop over rows): a narrower grid of tiles, times programs and stages.
+BWD_BLOCK_M = [1, 2]
+BWD_WARPS = [8, 16, 32]
+PER_SM = [1, 2]
+STAGES = [1, 2]
+
+
+def _extra(mod):
+    """(programs per SM, num_stages) candidates: only backward kernels loop over rows."""
+    if mod is None:
+        return [(None, 1)]
+    return [(p, st) for p in PER_SM for st in STAGES]
 
 
 def sweep(kernel: str) -> list[dict]:
@@ -44,12 +55,12 @@ def sweep(kernel: str) -> list[dict]:
         block_n = triton.next_power_of_2(n)
         impls, _ = case.make()
         best = None
-        for bm in BLOCK_M:
-            for w in WARPS:
+        for bm in BLOCK_M if mod is None else BWD_BLOCK_M:
+            for w in WARPS if mod is None else BWD_WARPS:
                 if bm * block_n > 65536 or bm * block_n < 32 * w:
                     continue
-                for per_sm in PER_SM if mod is not None else [None]:
-                    common.TUNED[(kernel, block_n, 2)] = common.RowLaunch(bm, block_n, w)
+                for per_sm, st in _extra(mod):
+                    common.TUNED[(kernel, block_n, 2)] = common.RowLaunch(bm, block_n, w, st)
                     if mod is not None:
                         mod.BWD_PROGRAMS_PER_SM = per_sm
                     try:
@@ -59,7 +70,8 @@ def sweep(kernel: str) -> list[dict]:
                         continue
                     tbs = case.nbytes / (ms * 1e-3) / 1e12
                     row = {"kernel": kernel, "shape": list(case.shape), "block_m": bm,
-                           "num_warps": w, "per_sm": per_sm, "tbs": round(tbs, 4)}  # fmt: skip
+                           "num_warps": w, "num_stages": st, "per_sm": per_sm,
+                           "tbs": round(tbs, 4)}  # fmt: skip
                     rows.append(row)
                     if best is None or tbs > best["tbs"]:
                         best = row

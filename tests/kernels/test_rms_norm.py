@@ -50,10 +50,13 @@ def test_rms_norm_matches_reference(shape, dtype, with_residual):
     for o, ro, name in zip(outs, refs, ["y", "h"], strict=False):
         assert o.dtype == dtype
         assert_close(o, ro, dtype, name)
-    assert_close(got[0], want[0], dtype, "dx")
+    # A 1-wide row's dx = w*dy*(1 - xhat**2)*rstd cancels in fp32, and rstd reaches
+    # 1/sqrt(eps): the error bound grows by that factor.
+    cond = 1e-6**-0.5 if shape[-1] == 1 else 1
+    assert_close(got[0], want[0], dtype, "dx", tol_scale=cond)
     assert_close(got[1], want[1], dtype, "dweight", tol_scale=2)  # summed over many rows
     if with_residual:
-        assert_close(got[2], want[2], dtype, "dresidual")
+        assert_close(got[2], want[2], dtype, "dresidual", tol_scale=cond)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
@@ -75,14 +78,29 @@ def test_rms_norm_layouts_and_no_weight(layout, no_weight):
         assert_close(got[1], want[1], dtype, "dweight", tol_scale=2)
 
 
-def test_rms_norm_empty_rows():
-    x = randn((0, 32), torch.float32, requires_grad=True)
-    w = randn((32,), torch.float32, requires_grad=True)
+@pytest.mark.parametrize("shape", [(0, 32), (3, 0)], ids=["no-rows", "no-features"])
+def test_rms_norm_empty(shape):
+    x = randn(shape, torch.float32, requires_grad=True)
+    w = randn(shape[-1:], torch.float32, requires_grad=True)
     with kf.backend("triton"):
         y = ops.rms_norm(x, w)
         y.sum().backward()
-    assert y.shape == (0, 32)
+    assert y.shape == shape and x.grad.shape == shape
     assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_rms_norm_strided_weight():
+    x = randn((6, 40), torch.float32, requires_grad=True)
+    w = randn((40,), layout="strided", requires_grad=True)
+    assert not w.is_contiguous()
+    with kf.backend("triton"):
+        y = ops.rms_norm(x, w)
+        got = grads([y], [x, w], [torch.ones_like(y)])
+    xd, wd = f64(x, w)
+    ref = reference(ops.rms_norm, xd, wd)
+    want = grads([ref], [xd, wd], [torch.ones_like(ref)])
+    assert_close(y, ref, torch.float32, "y")
+    assert_close(got[1], want[1], torch.float32, "dweight")
 
 
 @pytest.mark.parametrize(

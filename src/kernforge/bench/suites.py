@@ -130,6 +130,8 @@ def _make(build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile):
 
         impls = {"kernforge": kernforge, "torch": torch_fn}
         if with_compile:
+            # Donated buffers forbid the retain_graph=True that repeated backward timing needs.
+            torch._functorch.config.donated_buffer = False
             impls["torch.compile"] = torch.compile(torch_fn)
         # Correctness of kernforge against the torch reference on float32 (float64 on CPU) copies.
         ref_dtype = torch.float32 if dev.type == "cuda" else torch.float64

@@ -62,7 +62,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a 2-D [rows, features] tensor with unit feature stride, a view when possible."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1])  # not (-1, n): n may be 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class RowLaunch:
     block_m: int
     block_n: int
     num_warps: int
+    num_stages: int = 1  # software pipelining of loops over rows (backward kernels)
 
     def grid(self, rows: int) -> tuple[int]:
         return (triton.cdiv(rows, self.block_m),)
@@ -101,3 +102,8 @@ def row_launch(n: int, elem_bytes: int = 2, kernel: str = "") -> RowLaunch:
     warps = block_m * block_n // (vec * 32 * 2)  # two 16-byte accesses per thread
     num_warps = max(1, min(16, triton.next_power_of_2(max(warps, 1))))
     return RowLaunch(block_m, block_n, num_warps)
+
+
+def vector(w: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-feature parameter made contiguous (kernels index it with unit stride)."""
+    return None if w is None else w.contiguous()

@@ -1,15 +1,226 @@
 """LayerNorm: Triton kernels, autograd, torch reference.
 
 ``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension; statistics in
-fp32, output in the input dtype.
+fp32, output in the input dtype. The forward keeps the fp32 mean and rstd of each row so the
+backward reads x and dy once and never recomputes the statistics' reductions.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
+from .. import device
 from ..dispatch import register_impl
-from .common import upcast
+from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast
+
+#: Backward programs per SM: each keeps fp32 dweight/dbias partial rows, reduced afterwards
+#: (benchmarks/sweep_rows.py tunes it).
+BWD_PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, W, B, Y, MEAN, RSTD,
+    M, N, stride_x, stride_y, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    # Two passes over the row in registers: the variance of centred values does not suffer
+    # the cancellation of E[x^2] - E[x]^2 when |mean| >> std. Padding is zeroed so it adds 0.
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY, X, W, MEAN, RSTD, DX, DW, DB,
+    M, N, stride_dy, stride_x, stride_dx, rows_per_prog,
+    HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    row_start = pid * rows_per_prog
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_DW:
+        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DB:
+        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, rows_per_prog, BLOCK_M):
+        local = i + tl.arange(0, BLOCK_M)
+        rows = row_start + local
+        rmask = (local < rows_per_prog) & (rows < M)
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)[:, None]
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = dy
+        if HAS_W:
+            wdy = dy * w
+        if HAS_DW:
+            dw += dy * xhat
+        if HAS_DB:
+            db += dy
+        # dx = rstd * (wdy - mean(wdy) - xhat * mean(xhat * wdy)); padding holds zeros.
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
+        c2 = tl.sum(wdy, axis=1)[:, None] / N
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_DW:
+        tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
+    if HAS_DB:
+        tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # as_rows cannot reshape a tensor with no features (-1 rows is ambiguous); nothing is
+    # launched for it, so any 2-D view of the right row count will do.
+    return as_rows(x) if x.shape[-1] > 0 else x.new_empty((x.shape[:-1].numel(), 0))
+
+
+def _empty_rows(x: torch.Tensor) -> torch.Tensor:
+    return new_output(x.shape, x.dtype, x.device)
+
+
+def _stats(x: torch.Tensor) -> torch.Tensor:
+    return new_output(x.shape[:-1], torch.float32, x.device)
+
+
+@torch.library.custom_op("kernforge::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm forward: (y, mean, rstd), the statistics fp32 per row."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    # Weight and bias are read at unit stride; a strided 1-D view is copied (n elements).
+    w = weight.contiguous() if weight is not None else x2
+    b = bias.contiguous() if bias is not None else x2
+    y, mean, rstd = _empty_rows(x), _stats(x), _stats(x)
+    m = x2.shape[0]
+    if x.numel() > 0:
+        cfg = row_launch(n, x.element_size(), "layer_norm_fwd")
+        _layer_norm_fwd_kernel[cfg.grid(m)](
+            x2, w, b, y, mean, rstd,
+            m, n, x2.stride(0), n, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        )  # fmt: skip
+    return y, mean, rstd
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    return _empty_rows(x), _stats(x), _stats(x)
+
+
+@torch.library.custom_op("kernforge::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight_grad: bool,
+    bias_grad: bool,
+    bias_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm backward: (dx, dweight, dbias).
+
+    dweight (needs ``weight``) and dbias are computed only when ``weight_grad`` / ``bias_grad``
+    ask for them, else returned empty; dbias takes ``bias_dtype``.
+    """
+    n = x.shape[-1]
+    x2, dy2 = _rows(x), _rows(dy)
+    w = weight.contiguous() if weight is not None else x2
+    want_dw = weight_grad and weight is not None
+    dx = _empty_rows(x)
+    m = x2.shape[0]
+    cfg = row_launch(n, x.element_size(), "layer_norm_bwd")
+    programs = max(1, min(triton.cdiv(m, cfg.block_m), device.num_sms() * BWD_PROGRAMS_PER_SM))
+    # Per-program partial sums; reduced below (programs x n fp32 is small next to x and dy).
+    dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if want_dw else x2
+    db_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if bias_grad else x2
+    if x.numel() > 0:
+        _layer_norm_bwd_kernel[(programs,)](
+            dy2, x2, w, mean, rstd, dx, dw_part, db_part,
+            m, n, dy2.stride(0), x2.stride(0), n, triton.cdiv(m, programs),
+            HAS_W=weight is not None, HAS_DW=want_dw, HAS_DB=bias_grad,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        )  # fmt: skip
+
+    def reduce(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if m == 0:
+            return torch.zeros((n,), dtype=dtype, device=x.device)
+        return part.sum(0).to(dtype)
+
+    dw = reduce(dw_part, weight.dtype) if want_dw else x.new_empty(0)
+    db = reduce(db_part, bias_dtype) if bias_grad else x.new_empty(0)
+    return dx, dw, db
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, weight_grad, bias_grad, bias_dtype):
+    n = x.shape[-1]
+    want_dw = weight_grad and weight is not None
+    dw = x.new_empty((n,), dtype=weight.dtype) if want_dw else x.new_empty(0)
+    db = x.new_empty((n,), dtype=bias_dtype) if bias_grad else x.new_empty(0)
+    return _empty_rows(x), dw, db
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Autograd for the Triton LayerNorm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.ops.kernforge.layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.bias_dtype = bias.dtype if bias is not None else x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        # Frozen weight/bias (no grad wanted) skip their accumulators and partial buffers.
+        want_dw = weight is not None and ctx.needs_input_grad[1]
+        want_db = ctx.needs_input_grad[2]
+        dx, dw, db = torch.ops.kernforge.layer_norm_bwd(
+            dy, x, weight, mean, rstd, want_dw, want_db, ctx.bias_dtype
+        )
+        return dx, (dw if want_dw else None), (db if want_db else None), None
+
+
+def _supports_triton(x, weight, bias, eps):
+    return triton_reason(x, weight, bias) or row_reason(x.shape[-1])
+
+
+@register_impl("layer_norm", "triton", supports=_supports_triton)
+def layer_norm_triton(x, weight, bias, eps):
+    """Triton LayerNorm: one read and one write of x forward, one pass over x and dy backward."""
+    return LayerNormFunction.apply(x, weight, bias, float(eps))
 
 
 @register_impl("layer_norm", "torch")

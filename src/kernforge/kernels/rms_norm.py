@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast
+from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast, vector
 
 #: Backward programs per SM: each accumulates a partial weight gradient over its rows.
 BWD_PROGRAMS_PER_SM = 2
@@ -57,7 +57,6 @@ def _rms_norm_bwd_kernel(
     cmask = cols < N
     row_start = pid * rows_per_prog
     if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, rows_per_prog, BLOCK_M):
         local = i + tl.arange(0, BLOCK_M)
@@ -70,7 +69,8 @@ def _rms_norm_bwd_kernel(
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
         xhat = x * rstd
         if HAS_W:
-            wdy = dy * w
+            # Re-read w each row (an L1 hit) rather than hold it: wide rows run out of registers.
+            wdy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             dw += dy * xhat
         else:
             wdy = dy
@@ -89,13 +89,13 @@ def _empty_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float):
     n = x.shape[-1]
-    x2 = as_rows(x)
+    x2, weight = as_rows(x), vector(weight)
     r2 = as_rows(residual) if residual is not None else x2
     y = _empty_rows(x)
     h = _empty_rows(x) if residual is not None else y
     rstd = new_output(x.shape[:-1], torch.float32, x.device)
     m = x2.shape[0]
-    if m > 0:
+    if m > 0 and n > 0:
         cfg = row_launch(n, x.element_size(), "rms_norm_fwd")
         _rms_norm_fwd_kernel[cfg.grid(m)](
             x2, r2, weight if weight is not None else x2, y, h, rstd,
@@ -147,19 +147,20 @@ def rms_norm_bwd(
     ``h`` directly, is added to dx.
     """
     n = x.shape[-1]
-    x2, dy2 = as_rows(x), as_rows(dy)
+    x2, dy2, weight = as_rows(x), as_rows(dy), vector(weight)
     dh2 = as_rows(dh) if dh is not None else dy2
     dx = _empty_rows(x)
     m = x2.shape[0]
     cfg = row_launch(n, x.element_size(), "rms_norm_bwd")
     programs = max(1, min(triton.cdiv(m, cfg.block_m), device.num_sms() * BWD_PROGRAMS_PER_SM))
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    if m > 0:
+    if m > 0 and n > 0:
         _rms_norm_bwd_kernel[(programs,)](
             dy2, dh2, x2, weight if weight is not None else x2, rstd, dx, dw_part,
             m, n, dy2.stride(0), dh2.stride(0), x2.stride(0), n, triton.cdiv(m, programs),
             HAS_DH=dh is not None, HAS_W=weight is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )  # fmt: skip
     if weight is None:
         return dx, x.new_empty(0)
