@@ -31,17 +31,18 @@ SWEEPS = {
 BLOCK_M = [1, 2, 4]
 WARPS = [4, 8, 16, 32]
 # Backward kernels (a loop over rows): a narrower grid of tiles, times programs and stages.
-BWD_BLOCK_M = [1, 2]
+BWD_BLOCK_M = [1]  # 2 spilled registers at both shapes (H100 sweep)
 BWD_WARPS = [8, 16, 32]
 PER_SM = [1, 2]
 STAGES = [1, 2]
+WIDE = [False, True]  # weight-gradient partials in registers, or in memory (WIDE_ROW)
 
 
 def _extra(mod):
     """(programs per SM, num_stages) candidates: only backward kernels loop over rows."""
     if mod is None:
-        return [(None, 1)]
-    return [(p, st) for p in PER_SM for st in STAGES]
+        return [(None, 1, None)]
+    return [(p, st, wide) for p in PER_SM for st in STAGES for wide in WIDE]
 
 
 def sweep(kernel: str) -> list[dict]:
@@ -59,10 +60,11 @@ def sweep(kernel: str) -> list[dict]:
             for w in WARPS if mod is None else BWD_WARPS:
                 if bm * block_n > 65536 or bm * block_n < 32 * w:
                     continue
-                for per_sm, st in _extra(mod):
+                for per_sm, st, wide in _extra(mod):
                     common.TUNED[(kernel, block_n, 2)] = common.RowLaunch(bm, block_n, w, st)
                     if mod is not None:
                         mod.BWD_PROGRAMS_PER_SM = per_sm
+                        mod.WIDE_ROW = 0 if wide else 1 << 30
                     try:
                         ms = time_fn(impls["kernforge"], True, rep_ms=100)
                     except Exception as exc:  # e.g. out of registers/shared memory
@@ -70,7 +72,7 @@ def sweep(kernel: str) -> list[dict]:
                         continue
                     tbs = case.nbytes / (ms * 1e-3) / 1e12
                     row = {"kernel": kernel, "shape": list(case.shape), "block_m": bm,
-                           "num_warps": w, "num_stages": st, "per_sm": per_sm,
+                           "num_warps": w, "num_stages": st, "per_sm": per_sm, "wide": wide,
                            "tbs": round(tbs, 4)}  # fmt: skip
                     rows.append(row)
                     if best is None or tbs > best["tbs"]:

@@ -18,6 +18,9 @@ from .common import as_rows, new_output, row_launch, row_reason, triton_reason, 
 #: Backward programs per SM: each keeps fp32 dweight/dbias partial rows, reduced afterwards
 #: (benchmarks/sweep_rows.py tunes it).
 BWD_PROGRAMS_PER_SM = 2
+#: From this BLOCK_N on, the backward keeps dweight/dbias partials in memory (L2), not in
+#: registers.
+WIDE_ROW = 8192
 
 
 @triton.jit
@@ -53,7 +56,7 @@ def _layer_norm_fwd_kernel(
 def _layer_norm_bwd_kernel(
     DY, X, W, MEAN, RSTD, DX, DW, DB,
     M, N, stride_dy, stride_x, stride_dx, rows_per_prog,
-    HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, ACC_IN_L2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -63,9 +66,15 @@ def _layer_norm_bwd_kernel(
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_DW:
-        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not ACC_IN_L2:
+            dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            tl.store(DW + pid * N + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=cmask)
     if HAS_DB:
-        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not ACC_IN_L2:
+            db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            tl.store(DB + pid * N + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=cmask)
     for i in range(0, rows_per_prog, BLOCK_M):
         local = i + tl.arange(0, BLOCK_M)
         rows = row_start + local
@@ -80,18 +89,30 @@ def _layer_norm_bwd_kernel(
         wdy = dy
         if HAS_W:
             wdy = dy * w
+        # Wide rows: x, dy and w fill the registers, so the dweight/dbias partials live in
+        # this program's rows of DW/DB (L2-resident); same thread, same address each time.
         if HAS_DW:
-            dw += dy * xhat
+            if ACC_IN_L2:
+                part = DW + pid * N + cols[None, :]
+                acc = tl.load(part, mask=cmask[None, :], other=0.0)
+                tl.store(part, acc + tl.sum(dy * xhat, axis=0)[None, :], mask=cmask[None, :])
+            else:
+                dw += dy * xhat
         if HAS_DB:
-            db += dy
+            if ACC_IN_L2:
+                part = DB + pid * N + cols[None, :]
+                acc = tl.load(part, mask=cmask[None, :], other=0.0)
+                tl.store(part, acc + tl.sum(dy, axis=0)[None, :], mask=cmask[None, :])
+            else:
+                db += dy
         # dx = rstd * (wdy - mean(wdy) - xhat * mean(xhat * wdy)); padding holds zeros.
         c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
         c2 = tl.sum(wdy, axis=1)[:, None] / N
         dx = (wdy - (xhat * c1 + c2)) * rstd
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if HAS_DW:
+    if HAS_DW and not ACC_IN_L2:
         tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
-    if HAS_DB:
+    if HAS_DB and not ACC_IN_L2:
         tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
 
 
@@ -169,7 +190,9 @@ def layer_norm_bwd(
             dy2, x2, w, mean, rstd, dx, dw_part, db_part,
             m, n, dy2.stride(0), x2.stride(0), n, triton.cdiv(m, programs),
             HAS_W=weight is not None, HAS_DW=want_dw, HAS_DB=bias_grad,
+            ACC_IN_L2=cfg.block_n >= WIDE_ROW,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )  # fmt: skip
 
     def reduce(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
