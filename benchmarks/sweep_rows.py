@@ -2,13 +2,12 @@
 
 Run on a GPU from the repo root:  PYTHONPATH=src python3 benchmarks/sweep_rows.py [kernel ...]
 Each kernel named in SWEEPS is timed (bf16, the benchmark shapes) with every (BLOCK_M,
-num_warps) candidate forced through ``kernels.common.TUNED`` (and, for backward kernels, every
-programs-per-SM count); the winners go into ``TUNED`` in kernels/common.py by hand.
+num_warps) candidate forced through ``kernels.common.TUNED`` (and, for persistent backward
+kernels, every programs-per-SM and num_stages); the winners go into ``TUNED`` by hand.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
@@ -19,14 +18,14 @@ from kernforge.bench.harness import time_fn
 from kernforge.bench.suites import cases_for
 from kernforge.kernels import common
 
-# kernel name -> (bench family, bench op, direction, module holding BWD_PROGRAMS_PER_SM or None)
+# kernel name -> (bench family, bench op, direction, persistent: loops over rows)
 SWEEPS = {
-    "rms_norm_fwd": ("rms_norm", "rms_norm", "fwd", None),
-    "rms_norm_bwd": ("rms_norm", "rms_norm", "bwd", "kernforge.kernels.rms_norm"),
-    "layer_norm_fwd": ("layer_norm", "layer_norm", "fwd", None),
-    "layer_norm_bwd": ("layer_norm", "layer_norm", "bwd", "kernforge.kernels.layer_norm"),
-    "softmax_fwd": ("softmax", "softmax", "fwd", None),
-    "softmax_bwd": ("softmax", "softmax", "bwd", None),
+    "rms_norm_fwd": ("rms_norm", "rms_norm", "fwd", False),
+    "rms_norm_bwd": ("rms_norm", "rms_norm", "bwd", True),
+    "layer_norm_fwd": ("layer_norm", "layer_norm", "fwd", False),
+    "layer_norm_bwd": ("layer_norm", "layer_norm", "bwd", True),
+    "softmax_fwd": ("softmax", "softmax", "fwd", False),
+    "softmax_bwd": ("softmax", "softmax", "bwd", False),
 }
 BLOCK_M = [1, 2, 4]
 WARPS = [4, 8, 16, 32]
@@ -35,19 +34,17 @@ BWD_BLOCK_M = [1]  # 2 spilled registers at both shapes (H100 sweep)
 BWD_WARPS = [8, 16, 32]
 PER_SM = [1, 2]
 STAGES = [1, 2]
-WIDE = [False, True]  # weight-gradient partials in registers, or in memory (WIDE_ROW)
 
 
-def _extra(mod):
+def _extra(persistent: bool):
     """(programs per SM, num_stages) candidates: only backward kernels loop over rows."""
-    if mod is None:
-        return [(None, 1, None)]
-    return [(p, st, wide) for p in PER_SM for st in STAGES for wide in WIDE]
+    if not persistent:
+        return [(2, 1)]
+    return [(p, st) for p in PER_SM for st in STAGES]
 
 
 def sweep(kernel: str) -> list[dict]:
-    family, op, direction, module = SWEEPS[kernel]
-    mod = importlib.import_module(module) if module else None
+    family, op, direction, persistent = SWEEPS[kernel]
     rows = []
     for case in cases_for([family], on_gpu=True, with_compile=False):
         if case.op != op or case.direction != direction:
@@ -56,15 +53,13 @@ def sweep(kernel: str) -> list[dict]:
         block_n = triton.next_power_of_2(n)
         impls, _ = case.make()
         best = None
-        for bm in BLOCK_M if mod is None else BWD_BLOCK_M:
-            for w in WARPS if mod is None else BWD_WARPS:
+        for bm in BWD_BLOCK_M if persistent else BLOCK_M:
+            for w in BWD_WARPS if persistent else WARPS:
                 if bm * block_n > 65536 or bm * block_n < 32 * w:
                     continue
-                for per_sm, st, wide in _extra(mod):
-                    common.TUNED[(kernel, block_n, 2)] = common.RowLaunch(bm, block_n, w, st)
-                    if mod is not None:
-                        mod.BWD_PROGRAMS_PER_SM = per_sm
-                        mod.WIDE_ROW = 0 if wide else 1 << 30
+                for per_sm, st in _extra(persistent):
+                    launch = common.RowLaunch(bm, block_n, w, st, per_sm)
+                    common.TUNED[(kernel, block_n, 2)] = launch
                     try:
                         ms = time_fn(impls["kernforge"], True, rep_ms=100)
                     except Exception as exc:  # e.g. out of registers/shared memory
@@ -72,7 +67,7 @@ def sweep(kernel: str) -> list[dict]:
                         continue
                     tbs = case.nbytes / (ms * 1e-3) / 1e12
                     row = {"kernel": kernel, "shape": list(case.shape), "block_m": bm,
-                           "num_warps": w, "num_stages": st, "per_sm": per_sm, "wide": wide,
+                           "num_warps": w, "num_stages": st, "per_sm": per_sm,
                            "tbs": round(tbs, 4)}  # fmt: skip
                     rows.append(row)
                     if best is None or tbs > best["tbs"]:

@@ -34,6 +34,18 @@ def _decide_interpret() -> bool:
 INTERPRET: bool = _decide_interpret()
 if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
+    import numpy
+
+    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+        import warnings
+
+        # Measured: Triton 3.6's interpreter fails on loops with run-time bounds there.
+        warnings.warn(
+            f"NumPy {numpy.__version__} breaks Triton's CPU interpreter (loops with run-time "
+            "bounds raise TypeError); install numpy<2.4 to run kernforge kernels on the CPU.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 @functools.cache

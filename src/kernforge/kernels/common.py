@@ -73,14 +73,26 @@ class RowLaunch:
     block_n: int
     num_warps: int
     num_stages: int = 1  # software pipelining of loops over rows (backward kernels)
+    programs_per_sm: int = 2  # persistent kernels (backward): programs looping over rows
 
     def grid(self, rows: int) -> tuple[int]:
+        """One program per BLOCK_M rows."""
         return (triton.cdiv(rows, self.block_m),)
 
+    def programs(self, rows: int) -> int:
+        """Programs of a persistent kernel over ``rows``: a few per SM, each looping."""
+        return max(1, min(triton.cdiv(rows, self.block_m), device.num_sms() * self.programs_per_sm))
 
-#: Launch sizes measured best on the GPU, keyed by (kernel, BLOCK_N, element bytes); filled
-#: from benchmarks/sweep_rows.py runs on an H100. Missing keys use the heuristic below.
-TUNED: dict[tuple[str, int, int], RowLaunch] = {}
+
+#: Launch sizes measured best on the GPU, keyed by (kernel, BLOCK_N, element bytes): from
+#: benchmarks/sweep_rows.py on an H100 (bf16; benchmarks/results/NOTES.md). Forward kernels
+#: matched the heuristic below, so only the persistent backward kernels are listed.
+TUNED: dict[tuple[str, int, int], RowLaunch] = {
+    ("rms_norm_bwd", 4096, 2): RowLaunch(1, 4096, 8, num_stages=2, programs_per_sm=2),
+    ("rms_norm_bwd", 16384, 2): RowLaunch(1, 16384, 32, num_stages=1, programs_per_sm=1),
+    ("layer_norm_bwd", 4096, 2): RowLaunch(1, 4096, 16, num_stages=2, programs_per_sm=2),
+    ("layer_norm_bwd", 16384, 2): RowLaunch(1, 16384, 16, num_stages=2, programs_per_sm=1),
+}
 
 
 def row_launch(n: int, elem_bytes: int = 2, kernel: str = "") -> RowLaunch:

@@ -11,16 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import device
 from ..dispatch import register_impl
 from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast
-
-#: Backward programs per SM: each keeps fp32 dweight/dbias partial rows, reduced afterwards
-#: (benchmarks/sweep_rows.py tunes it).
-BWD_PROGRAMS_PER_SM = 2
-#: From this BLOCK_N on, the backward keeps dweight/dbias partials in memory (L2), not in
-#: registers.
-WIDE_ROW = 8192
 
 
 @triton.jit
@@ -37,12 +29,16 @@ def _layer_norm_fwd_kernel(
     mask = rmask[:, None] & cmask[None, :]
     r64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    # Two passes over the row in registers: the variance of centred values does not suffer
-    # the cancellation of E[x^2] - E[x]^2 when |mean| >> std. Padding is zeroed so it adds 0.
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
-    y = xc * rstd[:, None]
+    # One pass, two independent reductions, over values shifted by the row's first element:
+    # the shift is within a few std of the mean, so E[xs^2] - E[xs]^2 keeps its precision
+    # even when |mean| >> std (the cancellation of the unshifted form). Padding adds 0.
+    shift = tl.load(X + rows.to(tl.int64) * stride_x, mask=rmask, other=0.0).to(tl.float32)
+    xs = tl.where(mask, x - shift[:, None], 0.0)
+    mean_s = tl.sum(xs, axis=1) / N
+    var = tl.maximum(tl.sum(xs * xs, axis=1) / N - mean_s * mean_s, 0.0)
+    mean = mean_s + shift
+    rstd = tl.math.rsqrt(var + eps)
+    y = (xs - mean_s[:, None]) * rstd[:, None]
     if HAS_W:
         y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
@@ -56,7 +52,7 @@ def _layer_norm_fwd_kernel(
 def _layer_norm_bwd_kernel(
     DY, X, W, MEAN, RSTD, DX, DW, DB,
     M, N, stride_dy, stride_x, stride_dx, rows_per_prog,
-    HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, ACC_IN_L2: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -66,15 +62,9 @@ def _layer_norm_bwd_kernel(
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_DW:
-        if not ACC_IN_L2:
-            dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            tl.store(DW + pid * N + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=cmask)
+        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_DB:
-        if not ACC_IN_L2:
-            db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            tl.store(DB + pid * N + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=cmask)
+        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, rows_per_prog, BLOCK_M):
         local = i + tl.arange(0, BLOCK_M)
         rows = row_start + local
@@ -89,30 +79,18 @@ def _layer_norm_bwd_kernel(
         wdy = dy
         if HAS_W:
             wdy = dy * w
-        # Wide rows: x, dy and w fill the registers, so the dweight/dbias partials live in
-        # this program's rows of DW/DB (L2-resident); same thread, same address each time.
         if HAS_DW:
-            if ACC_IN_L2:
-                part = DW + pid * N + cols[None, :]
-                acc = tl.load(part, mask=cmask[None, :], other=0.0)
-                tl.store(part, acc + tl.sum(dy * xhat, axis=0)[None, :], mask=cmask[None, :])
-            else:
-                dw += dy * xhat
+            dw += dy * xhat
         if HAS_DB:
-            if ACC_IN_L2:
-                part = DB + pid * N + cols[None, :]
-                acc = tl.load(part, mask=cmask[None, :], other=0.0)
-                tl.store(part, acc + tl.sum(dy, axis=0)[None, :], mask=cmask[None, :])
-            else:
-                db += dy
+            db += dy
         # dx = rstd * (wdy - mean(wdy) - xhat * mean(xhat * wdy)); padding holds zeros.
         c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
         c2 = tl.sum(wdy, axis=1)[:, None] / N
         dx = (wdy - (xhat * c1 + c2)) * rstd
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if HAS_DW and not ACC_IN_L2:
+    if HAS_DW:
         tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
-    if HAS_DB and not ACC_IN_L2:
+    if HAS_DB:
         tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
 
 
@@ -181,7 +159,7 @@ def layer_norm_bwd(
     dx = _empty_rows(x)
     m = x2.shape[0]
     cfg = row_launch(n, x.element_size(), "layer_norm_bwd")
-    programs = max(1, min(triton.cdiv(m, cfg.block_m), device.num_sms() * BWD_PROGRAMS_PER_SM))
+    programs = cfg.programs(m)
     # Per-program partial sums; reduced below (programs x n fp32 is small next to x and dy).
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if want_dw else x2
     db_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if bias_grad else x2
@@ -190,7 +168,6 @@ def layer_norm_bwd(
             dy2, x2, w, mean, rstd, dx, dw_part, db_part,
             m, n, dy2.stride(0), x2.stride(0), n, triton.cdiv(m, programs),
             HAS_W=weight is not None, HAS_DW=want_dw, HAS_DB=bias_grad,
-            ACC_IN_L2=cfg.block_n >= WIDE_ROW,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip

@@ -11,15 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import device
 from ..dispatch import register_impl
 from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast, vector
-
-#: Backward programs per SM: each accumulates a partial weight gradient over its rows.
-BWD_PROGRAMS_PER_SM = 2
-#: From this BLOCK_N on, the backward keeps weight-gradient partials in memory (L2), not in
-#: registers, which x, dy and w fill.
-WIDE_ROW = 8192
 
 
 @triton.jit
@@ -52,7 +45,7 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, DH, X, W, RSTD, DX, DW,
     M, N, stride_dy, stride_dh, stride_x, stride_dx, rows_per_prog,
-    HAS_DH: tl.constexpr, HAS_W: tl.constexpr, DW_IN_L2: tl.constexpr,
+    HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -61,10 +54,7 @@ def _rms_norm_bwd_kernel(
     row_start = pid * rows_per_prog
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if not DW_IN_L2:
-            dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            tl.store(DW + pid * N + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=cmask)
+        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, rows_per_prog, BLOCK_M):
         local = i + tl.arange(0, BLOCK_M)
         rows = row_start + local
@@ -77,15 +67,7 @@ def _rms_norm_bwd_kernel(
         xhat = x * rstd
         if HAS_W:
             wdy = dy * w
-            if DW_IN_L2:
-                # Wide rows: x, dy and w fill the registers, so this program's dw partial
-                # lives in its own row of DW (L2-resident) instead. Same thread, same
-                # address each iteration, so program order keeps the sum right.
-                part = DW + pid * N + cols[None, :]
-                acc = tl.load(part, mask=cmask[None, :], other=0.0)
-                tl.store(part, acc + tl.sum(dy * xhat, axis=0)[None, :], mask=cmask[None, :])
-            else:
-                dw += dy * xhat
+            dw += dy * xhat
         else:
             wdy = dy
         c = tl.sum(xhat * wdy, axis=1)[:, None] / N
@@ -93,7 +75,7 @@ def _rms_norm_bwd_kernel(
         if HAS_DH:
             dx += tl.load(DH + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if HAS_W and not DW_IN_L2:
+    if HAS_W:
         tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
@@ -166,14 +148,13 @@ def rms_norm_bwd(
     dx = _empty_rows(x)
     m = x2.shape[0]
     cfg = row_launch(n, x.element_size(), "rms_norm_bwd")
-    programs = max(1, min(triton.cdiv(m, cfg.block_m), device.num_sms() * BWD_PROGRAMS_PER_SM))
+    programs = cfg.programs(m)
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
         _rms_norm_bwd_kernel[(programs,)](
             dy2, dh2, x2, weight if weight is not None else x2, rstd, dx, dw_part,
             m, n, dy2.stride(0), dh2.stride(0), x2.stride(0), n, triton.cdiv(m, programs),
             HAS_DH=dh is not None, HAS_W=weight is not None,
-            DW_IN_L2=cfg.block_n >= WIDE_ROW,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
