@@ -132,7 +132,8 @@ def _make(build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile):
         if with_compile:
             # Donated buffers forbid the retain_graph=True that repeated backward timing needs.
             torch._functorch.config.donated_buffer = False
-            impls["torch.compile"] = torch.compile(torch_fn)
+            # Static shapes: a second shape must not make the reference a slower dynamic kernel.
+            impls["torch.compile"] = torch.compile(torch_fn, dynamic=False)
         # Correctness of kernforge against the torch reference on float32 (float64 on CPU) copies.
         ref_dtype = torch.float32 if dev.type == "cuda" else torch.float64
         ref_args = [a.detach().to(ref_dtype) for a in args]
