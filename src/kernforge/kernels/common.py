@@ -92,6 +92,9 @@ TUNED: dict[tuple[str, int, int], RowLaunch] = {
     ("rms_norm_bwd", 16384, 2): RowLaunch(1, 16384, 32, num_stages=1, programs_per_sm=1),
     ("layer_norm_bwd", 4096, 2): RowLaunch(1, 4096, 16, num_stages=2, programs_per_sm=2),
     ("layer_norm_bwd", 16384, 2): RowLaunch(1, 16384, 16, num_stages=2, programs_per_sm=1),
+    # One-pass softmax rows of 32768: 32 warps beat the heuristic's cap of 16.
+    ("softmax_fwd", 32768, 2): RowLaunch(1, 32768, 32),
+    ("softmax_bwd", 32768, 2): RowLaunch(1, 32768, 32),
 }
 
 
