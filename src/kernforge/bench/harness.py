@@ -142,6 +142,36 @@ def run_cases(cases: list[Case], on_gpu: bool | None = None, with_compile: bool 
     return results, copy_tbs
 
 
+def host_us_per_call(on_gpu: bool, calls: int = 300) -> dict[str, float]:
+    """Host time of one op call (µs) on a tiny input, forward and forward+backward.
+
+    When a kernel's GPU time is below this, event timings measure the host, not the kernel;
+    recorded with every result so that such figures can be told apart.
+    """
+    from .. import ops
+    from ..dispatch import backend
+
+    dev = "cuda" if on_gpu else "cpu"
+    x = torch.randn(8, 128, device=dev, requires_grad=True)
+    w = torch.randn(128, device=dev, requires_grad=True)
+
+    def per_call(fn) -> float:
+        fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        return round((time.perf_counter() - t0) / calls * 1e6, 1)
+
+    with backend("triton"):
+        fwd = per_call(lambda: ops.rms_norm(x, w))
+        both = per_call(lambda: torch.autograd.grad(ops.rms_norm(x, w).sum(), [x, w]))
+    return {"rms_norm_fwd": fwd, "rms_norm_fwd_bwd": both}
+
+
 def environment(copy_tbs: float, on_gpu: bool) -> dict:
     """Device, versions and settings recorded with every result file."""
     return {
@@ -149,6 +179,7 @@ def environment(copy_tbs: float, on_gpu: bool) -> dict:
         "device": device.describe(),
         "settings": config.settings.describe(),
         "copy_tbs": round(copy_tbs, 4),
+        "host_us_per_op_call": host_us_per_call(on_gpu) if on_gpu else {},
         "timing": "median of CUDA-event timed runs (triton.testing.do_bench), L2 flushed"
         if on_gpu
         else "CPU wall clock through Triton's interpreter: NOT performance figures",
@@ -203,6 +234,7 @@ def write_results(family: str, results: list[Result], env: dict, out_dir: Path,
         f"{env['date']} on {dev.get('gpu')} ({dev.get('arch')}), torch {dev['torch']}, "
         f"triton {dev['triton']}. Copy bandwidth measured in this run: {env['copy_tbs']:.3g} TB/s.",
         f"Timing: {env['timing']}.",
+        f"Host time per op call (tiny input; µs): {env['host_us_per_op_call'] or 'n/a'}.",
         "",
         table(results, on_gpu),
         "",

@@ -27,6 +27,8 @@ HEAD_DIM = 128  # rope: features = heads * HEAD_DIM
 
 #: Why a family misses its bar, written after measuring (kept here so a re-run keeps them).
 NOTES: dict[str, str] = {}
+#: Arguments that are constants, not trained (rope's cos/sin tables): no gradient is asked.
+CONSTANT_ARGS: dict[str, set[int]] = {"rope": {2, 3}}
 
 # An op spec: (name, build(shape, dtype, device) -> (args, grad-needing arg indices),
 #              kernforge fn, torch fn, bytes(shape, elem_bytes, direction))
@@ -120,7 +122,12 @@ def _rel_err(outs, refs) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def _make(build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile):
+def _make(name, build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile):
+    constant = CONSTANT_ARGS.get(name, set())
+
+    def needs_grad(i: int, a: torch.Tensor) -> bool:
+        return a.is_floating_point() and i not in constant
+
     def make():
         args = build(shape, dtype, dev)
 
@@ -146,19 +153,20 @@ def _make(build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile):
             return calls, check
         calls, grads = {}, {}
         for name, f in impls.items():
-            leaves = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
+            leaves = [a.detach().requires_grad_(needs_grad(i, a)) for i, a in enumerate(args)]
             outs = _as_tuple(f(*leaves))
             gouts = [torch.randn_like(o) for o in outs]
             diff = [x for x in leaves if x.requires_grad]
             calls[name] = (lambda o=outs, d=diff, g=gouts:
                            torch.autograd.grad(o, d, g, retain_graph=True))  # fmt: skip
             grads[name] = (calls[name], gouts)
-        ref_leaves = [a.requires_grad_() for a in ref_args]
+        ref_leaves = [a.requires_grad_(needs_grad(i, a)) for i, a in enumerate(ref_args)]
         ref_outs = _as_tuple(torch_fn(*ref_leaves))
 
         def check():
             ref_gouts = [g.to(ref_dtype) for g in grads["kernforge"][1]]
-            want = torch.autograd.grad(ref_outs, ref_leaves, ref_gouts)
+            diff = [a for a in ref_leaves if a.requires_grad]
+            want = torch.autograd.grad(ref_outs, diff, ref_gouts)
             return _rel_err(grads["kernforge"][0](), want)
 
         return calls, check
@@ -186,7 +194,9 @@ def cases_for(families: list[str] | None = None, quick: bool = False, on_gpu: bo
         for name, build, kf_fn, torch_fn, nbytes in specs[family]:
             for shape in shapes:
                 for direction in directions:
-                    make = _make(build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile)
+                    make = _make(
+                        name, build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compile
+                    )
                     cases.append(Case(family, name, direction, shape, dtype,
                                       nbytes(shape, dtype.itemsize, direction), make,
                                       TARGET[direction]))  # fmt: skip
