@@ -54,6 +54,15 @@ def test_every_family_runs_and_agrees_with_torch(family):
         assert r.meets_target is None  # no verdict off the GPU
 
 
+def test_compile_reference_forward_and_backward():
+    """The torch.compile reference builds and can be timed repeatedly, backward included."""
+    cases = cases_for(["rms_norm"], on_gpu=False, with_compile=True)[:2]
+    results, _ = run_cases(cases, on_gpu=False, with_compile=True, copy_tbs=1.0)
+    for r in results:
+        assert not r.error, r.error
+        assert set(r.ms) == {"kernforge", "torch", "torch.compile"}
+
+
 def test_write_results(tmp_path):
     cases = cases_for(["rms_norm"], quick=True, on_gpu=False)
     results, copy_tbs = run_cases(cases, on_gpu=False)

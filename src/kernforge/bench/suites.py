@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch._functorch.config as functorch_config
 
 from .. import ops
 from ..dispatch import backend
@@ -138,7 +139,7 @@ def _make(name, build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compi
         impls = {"kernforge": kernforge, "torch": torch_fn}
         if with_compile:
             # Donated buffers forbid the retain_graph=True that repeated backward timing needs.
-            torch._functorch.config.donated_buffer = False
+            functorch_config.donated_buffer = False
             # Static shapes: a second shape must not make the reference a slower dynamic kernel.
             impls["torch.compile"] = torch.compile(torch_fn, dynamic=False)
         # Correctness of kernforge against the torch reference on float32 (float64 on CPU) copies.
