@@ -217,4 +217,3 @@ def test_layer_norm_params_on_other_device():
 
 def test_tolerances_cover_dtypes():
     assert set(TOL) == set(DTYPES)
-

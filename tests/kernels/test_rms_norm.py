@@ -157,4 +157,3 @@ def test_rms_norm_compiles_fullgraph_with_backward():
     assert_close(loss, ref, torch.float32, "loss")
     for g, r_, name in zip(got, want, ["dx", "dw", "dr"], strict=True):
         assert_close(g, r_, torch.float32, name)
-
