@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import as_rows, new_output, triton_reason
+from .common import as_rows, new_output, op_call, triton_reason
 
 #: The ACT constexpr of the kernels, by activation name (the custom ops take the name).
 ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2}
@@ -224,12 +224,12 @@ class GLUFunction(torch.autograd.Function):
     def forward(ctx, gate, up, act):
         ctx.save_for_backward(gate, up)
         ctx.act = act
-        return torch.ops.kernforge.glu_fwd(gate, up, act)
+        return op_call(glu_fwd, gate, up, act)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dgate, dup = torch.ops.kernforge.glu_bwd(dy, gate, up, ctx.act)
+        dgate, dup = op_call(glu_bwd, dy, gate, up, ctx.act)
         need = ctx.needs_input_grad
         return (dgate if need[0] else None), (dup if need[1] else None), None
 
@@ -240,12 +240,12 @@ class SiluAndMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return torch.ops.kernforge.silu_and_mul_fwd(x)
+        return op_call(silu_and_mul_fwd, x)
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return torch.ops.kernforge.silu_and_mul_bwd(dy, x)
+        return op_call(silu_and_mul_bwd, dy, x)
 
 
 def _supports_silu_and_mul(x):

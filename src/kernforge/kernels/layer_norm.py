@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_impl
-from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast
+from .common import as_rows, new_output, op_call, row_launch, row_reason, triton_reason, upcast
 
 
 @triton.jit
@@ -196,7 +196,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = torch.ops.kernforge.layer_norm_fwd(x, weight, bias, eps)
+        y, mean, rstd = op_call(layer_norm_fwd, x, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.bias_dtype = bias.dtype if bias is not None else x.dtype
         return y
@@ -207,8 +207,8 @@ class LayerNormFunction(torch.autograd.Function):
         # Frozen weight/bias (no grad wanted) skip their accumulators and partial buffers.
         want_dw = weight is not None and ctx.needs_input_grad[1]
         want_db = ctx.needs_input_grad[2]
-        dx, dw, db = torch.ops.kernforge.layer_norm_bwd(
-            dy, x, weight, mean, rstd, want_dw, want_db, ctx.bias_dtype
+        dx, dw, db = op_call(
+            layer_norm_bwd, dy, x, weight, mean, rstd, want_dw, want_db, ctx.bias_dtype
         )
         return dx, (dw if want_dw else None), (db if want_db else None), None
 

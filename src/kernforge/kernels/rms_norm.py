@@ -12,7 +12,16 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_impl
-from .common import as_rows, new_output, row_launch, row_reason, triton_reason, upcast, vector
+from .common import (
+    as_rows,
+    new_output,
+    op_call,
+    row_launch,
+    row_reason,
+    triton_reason,
+    upcast,
+    vector,
+)
 
 
 @triton.jit
@@ -176,10 +185,10 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
         if residual is None:
-            y, rstd = torch.ops.kernforge.rms_norm_fwd(x, weight, eps)
+            y, rstd = op_call(rms_norm_fwd, x, weight, eps)
             h = x
         else:
-            y, h, rstd = torch.ops.kernforge.add_rms_norm_fwd(x, residual, weight, eps)
+            y, h, rstd = op_call(add_rms_norm_fwd, x, residual, weight, eps)
         ctx.save_for_backward(h, weight, rstd)
         ctx.has_residual = residual is not None
         return (y, h) if residual is not None else y
@@ -188,7 +197,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
         dh = dh if ctx.has_residual else None
-        dx, dw = torch.ops.kernforge.rms_norm_bwd(dy, dh, h, weight, rstd)
+        dx, dw = op_call(rms_norm_bwd, dy, dh, h, weight, rstd)
         dres = dx if ctx.has_residual and ctx.needs_input_grad[2] else None
         return dx, (dw if weight is not None else None), dres, None
 

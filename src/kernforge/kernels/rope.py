@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import new_output, row_reason, triton_reason
+from .common import new_output, op_call, row_reason, triton_reason
 
 #: position_ids dtypes the kernel loads.
 _POS_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -281,27 +281,12 @@ def _(dq, dk, cos, sin, position_ids, layout):
     return out(dq), out(dk)
 
 
-def _fwd_op(*args):
-    # Eager calls skip the custom-op dispatcher: it cost 60-150 us of host time per call on the
-    # H100 host, about as much as the Triton launch, and rope's kernel can be shorter than
-    # that (170 us at the 4096-token benchmark shape). Traced code needs the custom op.
-    if torch.compiler.is_compiling():
-        return torch.ops.kernforge.rope_fwd(*args)
-    return _apply(*args, backward=False)
-
-
-def _bwd_op(*args):
-    if torch.compiler.is_compiling():
-        return torch.ops.kernforge.rope_bwd(*args)
-    return _apply(*args, backward=True)
-
-
 class RopeFunction(torch.autograd.Function):
     """Autograd for the Triton rope: gradients to q and k, none to cos, sin, position_ids."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, position_ids, layout):
-        q_rot, k_rot = _fwd_op(q, k, cos, sin, position_ids, layout)
+        q_rot, k_rot = op_call(rope_fwd, q, k, cos, sin, position_ids, layout)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.layout = layout
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work
@@ -314,7 +299,7 @@ class RopeFunction(torch.autograd.Function):
         dk_rot = dk_rot if ctx.needs_input_grad[1] else None
         if dq_rot is None and dk_rot is None:
             return None, None, None, None, None, None
-        dq, dk = _bwd_op(dq_rot, dk_rot, cos, sin, position_ids, ctx.layout)
+        dq, dk = op_call(rope_bwd, dq_rot, dk_rot, cos, sin, position_ids, ctx.layout)
         return (
             dq if dq_rot is not None else None,
             dk if dk_rot is not None else None,

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import RowLaunch, as_rows, new_output, row_launch, triton_reason
+from .common import RowLaunch, as_rows, new_output, op_call, row_launch, triton_reason
 
 #: Rows wider than this run the two-pass looped kernels instead of the one-pass row kernels.
 #: Measured on an H100 (bf16): one-pass backward spills registers at 65536 features (0.4 TB/s
@@ -205,7 +205,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, log):
-        y = torch.ops.kernforge.softmax_fwd(x, log)
+        y = op_call(softmax_fwd, x, log)
         ctx.save_for_backward(y)
         ctx.log = log
         return y
@@ -213,7 +213,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return torch.ops.kernforge.softmax_bwd(dy, y, ctx.log), None
+        return op_call(softmax_bwd, dy, y, ctx.log), None
 
 
 def _last_dim(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
