@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kernforge import cli
+from kernforge import cli, device
 from kernforge.bench import FAMILIES, cases_for, run_cases, write_results
 from kernforge.bench.harness import environment, table
 from kernforge.progress import Progress
@@ -73,7 +73,7 @@ def test_write_results(tmp_path):
     data = json.loads((tmp_path / "rms_norm.json").read_text())
     assert data["family"] == "rms_norm" and data["notes"] == "a note"
     assert len(data["results"]) == len(cases)
-    assert data["environment"]["device"]["arch"] == "cpu"
+    assert data["environment"]["device"]["arch"] == device.describe()["arch"]
     md = (tmp_path / "rms_norm.md").read_text()
     assert "NOT performance" in md and "rms_norm fwd [64x256] bfloat16" in md
     pytest.importorskip("matplotlib")
@@ -90,8 +90,30 @@ def test_table_marks_errors():
 def test_cli_bench_quick(tmp_path, capsys):
     assert cli.main(["bench", "softmax", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "NOT performance" in out and "softmax fwd" in out
+    assert "softmax fwd" in out
+    assert ("NOT performance" in out) != torch.cuda.is_available()
     assert (tmp_path / "softmax.json").exists() and (tmp_path / "softmax.md").exists()
+
+
+def test_render_rewrites_markdown_from_json(tmp_path, capsys):
+    assert cli.main(["bench", "glu", "--quick", "--out", str(tmp_path)]) == 0
+    (tmp_path / "glu.md").unlink()
+    assert cli.main(["bench", "glu", "--render", "--out", str(tmp_path)]) == 0
+    assert "silu_and_mul fwd" in (tmp_path / "glu.md").read_text()
+
+
+def test_verdicts():
+    from kernforge.bench.harness import Result, verdict
+
+    def result(kf, compile_, frac, target=2.7):
+        return Result("f", "op", "fwd", [1], "bf16", 1, tbs={"kernforge": kf},
+                      vs={"torch.compile": kf / compile_}, frac_of_copy=frac,
+                      target_tbs=target, meets_target=False)  # fmt: skip
+
+    assert verdict(result(2.9, 2.8, 0.96)) == "met"
+    assert verdict(result(2.95, 2.97, 0.98)).startswith("tie")
+    assert verdict(result(2.8, 2.9, 0.93)) == "MISSED: 0.966x compile"
+    assert verdict(result(2.2, 1.5, 0.73)) == "MISSED: 0.50 TB/s under 2.7"
 
 
 def test_cli_info(capsys):

@@ -16,6 +16,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     families = args.families or list(FAMILIES)
     on_gpu = torch.cuda.is_available()
+    if args.render:
+        return _render(families, Path(args.out or "benchmarks/results"))
     out = Path(args.out) if args.out else Path("benchmarks/results" if on_gpu else "bench-out/cpu")
     if not on_gpu:
         print("No CUDA GPU: running small shapes through Triton's CPU interpreter to check "
@@ -36,6 +38,23 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"  {r.op} {r.direction} {r.shape}: {r.error or f'rel err {r.rel_err:.3g}'}",
                   file=sys.stderr)  # fmt: skip
         return 1
+    return 0
+
+
+def _render(families: list[str], out: Path) -> int:
+    """Rewrite ``<family>.md`` and ``.png`` from ``<family>.json`` (no measuring)."""
+    from .bench import write_results
+    from .bench.harness import load_results
+    from .bench.suites import NOTES
+
+    for family in families:
+        path = out / f"{family}.json"
+        if not path.exists():
+            print(f"no {path}; skipped", file=sys.stderr)
+            continue
+        name, results, env = load_results(path)
+        paths = write_results(name, results, env, out, NOTES.get(name, ""))
+        print(f"rendered {', '.join(str(p) for p in paths)}")
     return 0
 
 
@@ -66,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="one shape, forward only")
     bench.add_argument("--out", help="results folder (default: benchmarks/results on a GPU, "
                        "bench-out/cpu without one)")  # fmt: skip
+    bench.add_argument("--render", action="store_true", help="measure nothing: rewrite the "
+                       "Markdown and PNG of each family from its JSON in --out")  # fmt: skip
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="device, versions, settings and registered ops")
     info.set_defaults(func=_info)

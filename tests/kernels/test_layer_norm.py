@@ -217,3 +217,14 @@ def test_layer_norm_params_on_other_device():
 
 def test_tolerances_cover_dtypes():
     assert set(TOL) == set(DTYPES)
+
+
+def test_layer_norm_separate_dbias_path(monkeypatch):
+    """Wide rows sum dbias outside the kernel; that path is exact too."""
+    from kernforge.kernels import layer_norm as module
+
+    monkeypatch.setattr(module, "SEPARATE_DBIAS", 1)  # every row counts as wide
+    x = randn((37, 100), torch.float16, requires_grad=True)
+    w = randn((100,), torch.float16, requires_grad=True)
+    b = randn((100,), torch.float16, requires_grad=True)
+    check(x, w, b)
