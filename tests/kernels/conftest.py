@@ -1,0 +1,16 @@
+"""Kernel tests: a call that silently fell back to torch would test the reference against
+itself, so every kernel test runs with the fallback forbidden (it raises instead)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kernforge import config
+
+
+@pytest.fixture(autouse=True)
+def _no_fallback(monkeypatch):
+    settings = dataclasses.replace(config.settings, disable_fallback=True)
+    monkeypatch.setattr(config, "settings", settings)
