@@ -33,6 +33,11 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
+def new_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous output of x's shape, dtype and device (see :func:`new_output`)."""
+    return new_output(x.shape, x.dtype, x.device)
+
+
 def op_call(op, *args):
     """Call kernforge custom op ``op`` (a ``torch.library.custom_op``).
 

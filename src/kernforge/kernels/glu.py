@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import as_rows, new_output, op_call, triton_reason
+from .common import as_rows, new_like, new_output, op_call, triton_reason
 
 #: The ACT constexpr of the kernels, by activation name (the custom ops take the name).
 ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2}
@@ -155,7 +155,7 @@ def _half_shape(x: torch.Tensor) -> tuple[int, ...]:
 def glu_fwd(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     """Triton ``act(gate) * up`` for ``act`` in ``ACTS``."""
     n = gate.shape[-1]
-    out = new_output(gate.shape, gate.dtype, gate.device)
+    out = new_like(gate)
     if out.numel():
         _fwd(as_rows(gate), as_rows(up), out.view(-1, n), act)
     return out
@@ -172,8 +172,8 @@ def glu_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward of ``act(gate) * up``: (dgate, dup), one pass over dy, gate and up."""
     n = gate.shape[-1]
-    dgate = new_output(gate.shape, gate.dtype, gate.device)
-    dup = new_output(gate.shape, gate.dtype, gate.device)
+    dgate = new_like(gate)
+    dup = new_like(gate)
     if dgate.numel():
         dg2, du2 = dgate.view(-1, n), dup.view(-1, n)
         _bwd(as_rows(dy), as_rows(gate), as_rows(up), dg2, du2, act)
@@ -205,7 +205,7 @@ def _(x):
 def silu_and_mul_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Triton backward of silu_and_mul: dx [..., 2d], dgate and dup written into its halves."""
     d = x.shape[-1] // 2
-    dx = new_output(x.shape, x.dtype, x.device)
+    dx = new_like(x)
     if dx.numel():
         x2, dx2 = as_rows(x), dx.view(-1, 2 * d)
         _bwd(as_rows(dy), x2[:, :d], x2[:, d:], dx2[:, :d], dx2[:, d:], "silu")

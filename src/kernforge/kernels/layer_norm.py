@@ -12,7 +12,16 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_impl
-from .common import as_rows, new_output, op_call, row_launch, row_reason, triton_reason, upcast
+from .common import (
+    as_rows,
+    new_like,
+    new_output,
+    op_call,
+    row_launch,
+    row_reason,
+    triton_reason,
+    upcast,
+)
 
 #: From this BLOCK_N on, dbias is summed outside the backward kernel (see layer_norm_bwd).
 SEPARATE_DBIAS = 16384
@@ -97,16 +106,6 @@ def _layer_norm_bwd_kernel(
         tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    # as_rows cannot reshape a tensor with no features (-1 rows is ambiguous); nothing is
-    # launched for it, so any 2-D view of the right row count will do.
-    return as_rows(x) if x.shape[-1] > 0 else x.new_empty((x.shape[:-1].numel(), 0))
-
-
-def _empty_rows(x: torch.Tensor) -> torch.Tensor:
-    return new_output(x.shape, x.dtype, x.device)
-
-
 def _stats(x: torch.Tensor) -> torch.Tensor:
     return new_output(x.shape[:-1], torch.float32, x.device)
 
@@ -117,11 +116,11 @@ def layer_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LayerNorm forward: (y, mean, rstd), the statistics fp32 per row."""
     n = x.shape[-1]
-    x2 = _rows(x)
+    x2 = as_rows(x)
     # Weight and bias are read at unit stride; a strided 1-D view is copied (n elements).
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
-    y, mean, rstd = _empty_rows(x), _stats(x), _stats(x)
+    y, mean, rstd = new_like(x), _stats(x), _stats(x)
     m = x2.shape[0]
     if x.numel() > 0:
         cfg = row_launch(n, x.element_size(), "layer_norm_fwd")
@@ -136,7 +135,7 @@ def layer_norm_fwd(
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
-    return _empty_rows(x), _stats(x), _stats(x)
+    return new_like(x), _stats(x), _stats(x)
 
 
 @torch.library.custom_op("kernforge::layer_norm_bwd", mutates_args=())
@@ -156,10 +155,10 @@ def layer_norm_bwd(
     ask for them, else returned empty; dbias takes ``bias_dtype``.
     """
     n = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = as_rows(x), as_rows(dy)
     w = weight.contiguous() if weight is not None else x2
     want_dw = weight_grad and weight is not None
-    dx = _empty_rows(x)
+    dx = new_like(x)
     m = x2.shape[0]
     cfg = row_launch(n, x.element_size(), "layer_norm_bwd")
     programs = cfg.programs(m)
@@ -201,7 +200,7 @@ def _(dy, x, weight, mean, rstd, weight_grad, bias_grad, bias_dtype):
     want_dw = weight_grad and weight is not None
     dw = x.new_empty((n,), dtype=weight.dtype) if want_dw else x.new_empty(0)
     db = x.new_empty((n,), dtype=bias_dtype) if bias_grad else x.new_empty(0)
-    return _empty_rows(x), dw, db
+    return new_like(x), dw, db
 
 
 class LayerNormFunction(torch.autograd.Function):

@@ -14,6 +14,7 @@ import triton.language as tl
 from ..dispatch import register_impl
 from .common import (
     as_rows,
+    new_like,
     new_output,
     op_call,
     row_launch,
@@ -88,16 +89,12 @@ def _rms_norm_bwd_kernel(
         tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
-def _empty_rows(x: torch.Tensor) -> torch.Tensor:
-    return new_output(x.shape, x.dtype, x.device)
-
-
 def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float):
     n = x.shape[-1]
     x2, weight = as_rows(x), vector(weight)
     r2 = as_rows(residual) if residual is not None else x2
-    y = _empty_rows(x)
-    h = _empty_rows(x) if residual is not None else y
+    y = new_like(x)
+    h = new_like(x) if residual is not None else y
     rstd = new_output(x.shape[:-1], torch.float32, x.device)
     m = x2.shape[0]
     if m > 0 and n > 0:
@@ -122,7 +119,7 @@ def rms_norm_fwd(
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps):
-    return _empty_rows(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return new_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("kernforge::add_rms_norm_fwd", mutates_args=())
@@ -135,7 +132,7 @@ def add_rms_norm_fwd(
 
 @add_rms_norm_fwd.register_fake
 def _(x, residual, weight, eps):
-    return _empty_rows(x), _empty_rows(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return new_like(x), new_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("kernforge::rms_norm_bwd", mutates_args=())
@@ -154,7 +151,7 @@ def rms_norm_bwd(
     n = x.shape[-1]
     x2, dy2, weight = as_rows(x), as_rows(dy), vector(weight)
     dh2 = as_rows(dh) if dh is not None else dy2
-    dx = _empty_rows(x)
+    dx = new_like(x)
     m = x2.shape[0]
     cfg = row_launch(n, x.element_size(), "rms_norm_bwd")
     programs = cfg.programs(m)
@@ -176,7 +173,7 @@ def rms_norm_bwd(
 
 @rms_norm_bwd.register_fake
 def _(dy, dh, x, weight, rstd):
-    return _empty_rows(x), (x.new_empty(0) if weight is None else torch.empty_like(weight))
+    return new_like(x), (x.new_empty(0) if weight is None else torch.empty_like(weight))
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import new_output, op_call, row_reason, triton_reason
+from .common import new_like, op_call, row_reason, triton_reason
 
 #: position_ids dtypes the kernel loads.
 _POS_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -203,8 +203,8 @@ def _apply(q, k, cos, sin, position_ids, layout: str, backward: bool):
     ref = q if q is not None else k
     s_ax = 1 if layout == "bshd" else 2
     b, s, d = ref.shape[0], ref.shape[s_ax], ref.shape[-1]
-    qo = new_output(q.shape, q.dtype, q.device) if q is not None else cos.new_empty(0)
-    ko = new_output(k.shape, k.dtype, k.device) if k is not None else cos.new_empty(0)
+    qo = new_like(q) if q is not None else cos.new_empty(0)
+    ko = new_like(k) if k is not None else cos.new_empty(0)
     hq = q.shape[3 - s_ax] if q is not None else 0
     hk = k.shape[3 - s_ax] if k is not None else 0
     if b * s == 0 or (hq == 0 and hk == 0):
@@ -256,7 +256,7 @@ def rope_fwd(
 
 @rope_fwd.register_fake
 def _(q, k, cos, sin, position_ids, layout):
-    return new_output(q.shape, q.dtype, q.device), new_output(k.shape, k.dtype, k.device)
+    return new_like(q), new_like(k)
 
 
 @torch.library.custom_op("kernforge::rope_bwd", mutates_args=())
@@ -276,7 +276,7 @@ def rope_bwd(
 @rope_bwd.register_fake
 def _(dq, dk, cos, sin, position_ids, layout):
     def out(g):
-        return cos.new_empty(0) if g is None else new_output(g.shape, g.dtype, g.device)
+        return cos.new_empty(0) if g is None else new_like(g)
 
     return out(dq), out(dk)
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import RowLaunch, as_rows, new_output, op_call, row_launch, triton_reason
+from .common import RowLaunch, as_rows, new_like, op_call, row_launch, triton_reason
 
 #: Rows wider than this run the two-pass looped kernels instead of the one-pass row kernels.
 #: Measured on an H100 (bf16): one-pass backward spills registers at 65536 features (0.4 TB/s
@@ -139,14 +139,10 @@ def _softmax_bwd_looped_kernel(
         tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=cmask)
 
 
-def _empty_rows(x: torch.Tensor) -> torch.Tensor:
-    return new_output(x.shape, x.dtype, x.device)
-
-
 @torch.library.custom_op("kernforge::softmax_fwd", mutates_args=())
 def softmax_fwd(x: torch.Tensor, log: bool) -> torch.Tensor:
     """Triton softmax (or log-softmax when ``log``) over the last dimension of ``x``."""
-    y = _empty_rows(x)
+    y = new_like(x)
     if x.numel() == 0:  # no launch for no work
         return y
     n = x.shape[-1]
@@ -168,14 +164,14 @@ def softmax_fwd(x: torch.Tensor, log: bool) -> torch.Tensor:
 
 @softmax_fwd.register_fake
 def _(x, log):
-    return _empty_rows(x)
+    return new_like(x)
 
 
 @torch.library.custom_op("kernforge::softmax_bwd", mutates_args=())
 def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, log: bool) -> torch.Tensor:
     """Triton softmax backward from the forward output ``y``: ``y * (dy - sum(dy * y))``, or
     ``dy - exp(y) * sum(dy)`` for log-softmax (``log``)."""
-    dx = _empty_rows(y)
+    dx = new_like(y)
     if y.numel() == 0:
         return dx
     n = y.shape[-1]
@@ -197,7 +193,7 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, log: bool) -> torch.Tensor:
 
 @softmax_bwd.register_fake
 def _(dy, y, log):
-    return _empty_rows(y)
+    return new_like(y)
 
 
 class SoftmaxFunction(torch.autograd.Function):
