@@ -38,6 +38,19 @@ def new_like(x: torch.Tensor) -> torch.Tensor:
     return new_output(x.shape, x.dtype, x.device)
 
 
+def row_stats(x: torch.Tensor) -> torch.Tensor:
+    """An fp32 buffer of one statistic (mean, rstd) per row of x (see :func:`new_output`)."""
+    return new_output(x.shape[:-1], torch.float32, x.device)
+
+
+def reduce_partials(part: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """A parameter gradient from a persistent backward's [programs, n] fp32 partial sums (no
+    rows: nothing was written, the gradient is zero)."""
+    if rows == 0:
+        return torch.zeros(part.shape[1:], dtype=dtype, device=part.device)
+    return part.sum(0).to(dtype)
+
+
 def op_call(op, *args):
     """Call kernforge custom op ``op`` (a ``torch.library.custom_op``).
 

@@ -15,12 +15,14 @@ from ..dispatch import register_impl
 from .common import (
     as_rows,
     new_like,
-    new_output,
     op_call,
+    reduce_partials,
     row_launch,
     row_reason,
+    row_stats,
     triton_reason,
     upcast,
+    vector,
 )
 
 #: From this BLOCK_N on, dbias is summed outside the backward kernel (see layer_norm_bwd).
@@ -106,10 +108,6 @@ def _layer_norm_bwd_kernel(
         tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
 
 
-def _stats(x: torch.Tensor) -> torch.Tensor:
-    return new_output(x.shape[:-1], torch.float32, x.device)
-
-
 @torch.library.custom_op("kernforge::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
@@ -117,15 +115,14 @@ def layer_norm_fwd(
     """Triton LayerNorm forward: (y, mean, rstd), the statistics fp32 per row."""
     n = x.shape[-1]
     x2 = as_rows(x)
-    # Weight and bias are read at unit stride; a strided 1-D view is copied (n elements).
-    w = weight.contiguous() if weight is not None else x2
-    b = bias.contiguous() if bias is not None else x2
-    y, mean, rstd = new_like(x), _stats(x), _stats(x)
+    weight, bias = vector(weight), vector(bias)
+    y, mean, rstd = new_like(x), row_stats(x), row_stats(x)
     m = x2.shape[0]
     if x.numel() > 0:
         cfg = row_launch(n, x.element_size(), "layer_norm_fwd")
         _layer_norm_fwd_kernel[cfg.grid(m)](
-            x2, w, b, y, mean, rstd,
+            x2, weight if weight is not None else x2, bias if bias is not None else x2,
+            y, mean, rstd,
             m, n, x2.stride(0), n, eps,
             HAS_W=weight is not None, HAS_B=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -135,7 +132,7 @@ def layer_norm_fwd(
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
-    return new_like(x), _stats(x), _stats(x)
+    return new_like(x), row_stats(x), row_stats(x)
 
 
 @torch.library.custom_op("kernforge::layer_norm_bwd", mutates_args=())
@@ -155,8 +152,7 @@ def layer_norm_bwd(
     ask for them, else returned empty; dbias takes ``bias_dtype``.
     """
     n = x.shape[-1]
-    x2, dy2 = as_rows(x), as_rows(dy)
-    w = weight.contiguous() if weight is not None else x2
+    x2, dy2, weight = as_rows(x), as_rows(dy), vector(weight)
     want_dw = weight_grad and weight is not None
     dx = new_like(x)
     m = x2.shape[0]
@@ -172,21 +168,15 @@ def layer_norm_bwd(
     )
     if x.numel() > 0:
         _layer_norm_bwd_kernel[(programs,)](
-            dy2, x2, w, mean, rstd, dx, dw_part, db_part,
+            dy2, x2, weight if weight is not None else x2, mean, rstd, dx, dw_part, db_part,
             m, n, dy2.stride(0), x2.stride(0), n, triton.cdiv(m, programs),
             HAS_W=weight is not None, HAS_DW=want_dw, HAS_DB=db_in_kernel,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
-
-    def reduce(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if m == 0:
-            return torch.zeros((n,), dtype=dtype, device=x.device)
-        return part.sum(0).to(dtype)
-
-    dw = reduce(dw_part, weight.dtype) if want_dw else x.new_empty(0)
+    dw = reduce_partials(dw_part, m, weight.dtype) if want_dw else x.new_empty(0)
     if db_in_kernel:
-        db = reduce(db_part, bias_dtype)
+        db = reduce_partials(db_part, m, bias_dtype)
     elif bias_grad:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
     else:

@@ -15,10 +15,11 @@ from ..dispatch import register_impl
 from .common import (
     as_rows,
     new_like,
-    new_output,
     op_call,
+    reduce_partials,
     row_launch,
     row_reason,
+    row_stats,
     triton_reason,
     upcast,
     vector,
@@ -95,7 +96,7 @@ def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | 
     r2 = as_rows(residual) if residual is not None else x2
     y = new_like(x)
     h = new_like(x) if residual is not None else y
-    rstd = new_output(x.shape[:-1], torch.float32, x.device)
+    rstd = row_stats(x)
     m = x2.shape[0]
     if m > 0 and n > 0:
         cfg = row_launch(n, x.element_size(), "rms_norm_fwd")
@@ -119,7 +120,7 @@ def rms_norm_fwd(
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps):
-    return new_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return new_like(x), row_stats(x)
 
 
 @torch.library.custom_op("kernforge::add_rms_norm_fwd", mutates_args=())
@@ -132,7 +133,7 @@ def add_rms_norm_fwd(
 
 @add_rms_norm_fwd.register_fake
 def _(x, residual, weight, eps):
-    return new_like(x), new_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return new_like(x), new_like(x), row_stats(x)
 
 
 @torch.library.custom_op("kernforge::rms_norm_bwd", mutates_args=())
@@ -166,9 +167,7 @@ def rms_norm_bwd(
         )  # fmt: skip
     if weight is None:
         return dx, x.new_empty(0)
-    if m == 0:
-        return dx, torch.zeros_like(weight)
-    return dx, dw_part.sum(0).to(weight.dtype)
+    return dx, reduce_partials(dw_part, m, weight.dtype)
 
 
 @rms_norm_bwd.register_fake
