@@ -176,29 +176,28 @@ def _make(name, build, kf_fn, torch_fn, shape, dtype, dev, direction, with_compi
         ref_dtype = torch.float32 if dev.type == "cuda" else torch.float64
         ref_args = [a.detach().to(ref_dtype) for a in args]
         if direction == "fwd":
-            calls = {name: (lambda f=f: f(*args)) for name, f in impls.items()}
+            calls = {impl: (lambda f=f: f(*args)) for impl, f in impls.items()}
 
             def check():
                 return _rel_err(_as_tuple(kernforge(*args)), _as_tuple(torch_fn(*ref_args)))
 
             return calls, check
-        calls, grads = {}, {}
-        for name, f in impls.items():
+        calls, gouts = {}, {}
+        for impl, f in impls.items():
             leaves = [a.detach().requires_grad_(needs_grad(i, a)) for i, a in enumerate(args)]
             outs = _as_tuple(f(*leaves))
-            gouts = [torch.randn_like(o) for o in outs]
+            gouts[impl] = [torch.randn_like(o) for o in outs]
             diff = [x for x in leaves if x.requires_grad]
-            calls[name] = (lambda o=outs, d=diff, g=gouts:
+            calls[impl] = (lambda o=outs, d=diff, g=gouts[impl]:
                            torch.autograd.grad(o, d, g, retain_graph=True))  # fmt: skip
-            grads[name] = (calls[name], gouts)
         ref_leaves = [a.requires_grad_(needs_grad(i, a)) for i, a in enumerate(ref_args)]
         ref_outs = _as_tuple(torch_fn(*ref_leaves))
 
         def check():
-            ref_gouts = [g.to(ref_dtype) for g in grads["kernforge"][1]]
+            ref_gouts = [g.to(ref_dtype) for g in gouts["kernforge"]]
             diff = [a for a in ref_leaves if a.requires_grad]
             want = torch.autograd.grad(ref_outs, diff, ref_gouts)
-            return _rel_err(grads["kernforge"][0](), want)
+            return _rel_err(calls["kernforge"](), want)
 
         return calls, check
 
