@@ -3,7 +3,7 @@
 Settings are read from the environment once, at import, into :data:`settings`. Tests and
 tools that change the environment afterwards call :func:`reload`.
 
-- ``KERNFORGE_BACKEND`` (auto | triton | torch, default auto): backend for catalog ops.
+- ``KERNFORGE_BACKEND`` (auto | cuda | triton | torch, default auto): backend for catalog ops.
 - ``KERNFORGE_DISABLE_FALLBACK`` (0 | 1, default 0): raise ``UnsupportedError`` instead of
   falling back to torch when the chosen backend cannot run the inputs.
 - ``KERNFORGE_INTERPRET`` (auto | 0 | 1, default auto): run Triton kernels in Triton's CPU
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
 def _flag(env: dict[str, str], name: str, default: bool) -> bool:

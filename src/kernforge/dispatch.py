@@ -26,7 +26,7 @@ from . import config
 from .errors import ConfigError, UnsupportedError
 
 #: Backends tried by ``"auto"``, fastest first. ``torch`` is the fallback and always last.
-PREFERENCE: tuple[str, ...] = ("triton", "torch")
+PREFERENCE: tuple[str, ...] = ("cuda", "triton", "torch")
 FALLBACK = "torch"
 
 #: ``supports(**arguments) -> None`` when the backend can run the call, else the reason why not.
@@ -84,7 +84,7 @@ def register_impl(
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide backend ("auto", "triton" or "torch")."""
+    """Set the process-wide backend ("auto", "cuda", "triton" or "torch")."""
     global _default_backend
     _default_backend = _check_backend_name(name)
 
