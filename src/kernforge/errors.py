@@ -37,3 +37,8 @@ class ConfigError(KernforgeError, ValueError):
 
 class ArgumentError(KernforgeError, ValueError):
     """A non-tensor argument (dim, layout, mode name) is out of range or unknown."""
+
+
+class TraceError(KernforgeError, TypeError):
+    """Traced code needs a value that is only known when the kernel runs (data-dependent control
+    flow, ``float(x)``, ``np.asarray(x)``); the message names the user's source line."""
