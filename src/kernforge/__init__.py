@@ -1,7 +1,9 @@
 """kernforge: fast, testable deep-learning kernels for NVIDIA GPUs (Hopper first).
 
-Public API: :mod:`kernforge.ops` (the catalog), :func:`set_backend`, :func:`backend`,
-:func:`get_backend`, and the error types in :mod:`kernforge.errors`.
+Public API: :mod:`kernforge.ops` (the catalog), :func:`jit` and :mod:`kernforge.np` (NumPy
+code to fused kernels), :func:`elementwise` and :func:`rowwise` (expression kernels),
+:func:`set_backend`, :func:`backend`, :func:`get_backend`, and the error types in
+:mod:`kernforge.errors`.
 """
 
 from . import (  # noqa: F401  (kernels registers the impls)
@@ -20,8 +22,12 @@ from .errors import (
     DTypeError,
     KernforgeError,
     ShapeError,
+    TraceError,
     UnsupportedError,
 )
+from .expr import elementwise, rowwise  # expression kernels (docs/expressions.md)
+from .frontend import np_api as np  # kf.np: NumPy functions for traced code (docs/jit.md)
+from .frontend.jit import jit  # NumPy code to fused kernels (docs/jit.md)
 
 __version__ = "0.1.0"
 
@@ -29,4 +35,5 @@ __all__ = [
     "ArgumentError", "CompileError", "ConfigError", "DTypeError", "DeviceError", "FallbackWarning",
     "KernforgeError", "ShapeError", "UnsupportedError", "backend", "config", "device",
     "errors", "get_backend", "ops", "registered", "set_backend", "__version__",
+    "elementwise", "rowwise", "TraceError", "jit", "np",
 ]  # fmt: skip

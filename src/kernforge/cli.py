@@ -28,7 +28,13 @@ def _bench(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.error or not r.rel_err <= 2e-2]
     for family in families:
         rows = [r for r in results if r.family == family]
-        paths = write_results(family, rows, env, out, NOTES.get(family, ""))
+        fam_env = env
+        if family == "trace":  # kf.jit: host time per cached call, first-call compile time
+            from .bench.jit_cases import first_call_seconds, host_overhead
+
+            fam_env = {**env, "jit_host_us": host_overhead(on_gpu),
+                       "jit_first_call_s": first_call_seconds(on_gpu)}  # fmt: skip
+        paths = write_results(family, rows, fam_env, out, NOTES.get(family, ""))
         print(f"\n## {family}  ->  {', '.join(str(p) for p in paths)}")
         print(table(rows, on_gpu))
     print(f"\ncopy bandwidth measured in this run: {copy_tbs:.3g} TB/s")

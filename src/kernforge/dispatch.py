@@ -26,7 +26,7 @@ from . import config
 from .errors import ConfigError, UnsupportedError
 
 #: Backends tried by ``"auto"``, fastest first. ``torch`` is the fallback and always last.
-PREFERENCE: tuple[str, ...] = ("cuda", "triton", "torch")
+PREFERENCE: tuple[str, ...] = ("triton", "cuda", "torch")
 FALLBACK = "torch"
 
 #: ``supports(**arguments) -> None`` when the backend can run the call, else the reason why not.
