@@ -174,3 +174,34 @@ def rope(
                 f"rope: position_ids range [{lo}, {hi}] is outside cos/sin's {table} rows "
                 "(set KERNFORGE_CHECK_INDICES=0 to skip this check, which syncs the device)"
             )
+
+
+@dispatch("linear")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``x @ weight.T + bias``, as ``torch.nn.functional.linear``: x [..., K], weight [N, K]
+    (``nn.Linear``'s layout), bias [N] or None; returns [..., N] in x's dtype.
+
+    For at most 16 rows of x (LLM decode) on the GPU, in bfloat16 or float16 with K a multiple
+    of 8 and a contiguous weight, this runs kernforge's CUDA GEMV (weight read once at the
+    memory roofline); more rows run torch's matmul (cuBLAS).
+    """
+    op = "linear"
+    checks.tensor(op, "x", x)
+    checks.tensor(op, "weight", weight)
+    checks.floating(op, "x", x)
+    if weight.dim() != 2:
+        raise ShapeError(
+            f"linear: weight must be 2-D [out_features, in_features], got shape "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.shape[1] != x.shape[-1]:
+        raise ShapeError(
+            f"linear: x's last dimension ({x.shape[-1]}) must equal weight's in_features "
+            f"(weight {tuple(weight.shape)} is [out_features, in_features], as in nn.Linear); "
+            "transpose the weight if it is stored [in, out]"
+        )
+    if bias is not None:
+        checks.tensor(op, "bias", bias)
+        checks.shape(op, "bias", bias, (weight.shape[0],), "one value per output feature")
+    checks.same_dtype(op, x=x, weight=weight, bias=bias)
+    checks.same_device(op, x=x, weight=weight, bias=bias)

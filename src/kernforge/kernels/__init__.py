@@ -1,3 +1,3 @@
 """The catalog's kernel families. Importing this package registers every implementation."""
 
-from . import glu, layer_norm, rms_norm, rope, softmax  # noqa: F401
+from . import glu, layer_norm, linear, rms_norm, rope, softmax  # noqa: F401

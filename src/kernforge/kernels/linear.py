@@ -1,0 +1,538 @@
+"""Linear layers: ``y = x @ weight.T + bias`` (``torch.nn.functional.linear``), with a CUDA C++
+GEMV for the LLM decode case (M <= 16 rows of x), autograd, and the torch reference.
+
+The GEMV reads the weight once, at the memory roofline: each warp streams 16-byte pieces of 8
+or more rows of W and feeds them straight to the tensor cores (``mma.sync m16n8k16``, fp32
+accumulation) with x as the other operand, so the same kernel serves every M up to 16. When N
+alone gives too few blocks to spread W evenly over the SMs, K is split over blocks (split-K):
+the last block of each N tile adds the fp32 partial sums in a fixed order (deterministic),
+adds the bias and writes y, so one launch does the whole op. Larger M goes to torch's matmul
+(cuBLAS), by design and without a fallback warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import cuda as kcuda
+from .. import device
+from ..dispatch import register_impl
+from .common import new_output, op_call
+
+#: Most rows of x (the product of its leading dimensions) the GEMV takes; more go to torch.
+MAX_M = 16
+#: dtypes of the CUDA GEMV (tensor-core operands; accumulation is fp32).
+GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+GEMV_SOURCE = r"""
+// Decode GEMV y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for M <= 16, on the tensor cores.
+//
+// One warp owns KF_R tiles of 8 rows of W and a range of K. Each lane streams 16-byte pieces of
+// W (lanes 4r..4r+3 read row r of a tile: 64 contiguous bytes per row per load) and feeds them
+// to mma.sync m16n8k16 as the B operand, with x as the A operand (rows of x >= M are zero).
+// A dot product does not care in which order k is summed, so a lane's 8 consecutive k of W are
+// used as its B fragment for two mmas as they come, and x's A fragment is loaded with the same
+// permutation: no shuffles or shared memory in the loop, fp32 accumulation in the tensor cores.
+//
+// Split-K inside a block (KF_WK > 1): its warps take slices of the block's K range and add
+// their sums through shared memory. Split-K over blocks (gridDim.y > 1): each block writes
+// fp32 partial sums; the last block of an N tile (an atomic counter, reset after use) adds
+// them in split order (deterministic), adds the bias and writes y.
+//
+// Compile-time: KF_T (element type), KF_BF16 (1: bf16, 0: fp16), KF_MT (8 or 16: the rows of
+// x the mma tile covers), KF_R (8-row tiles per warp), KF_U (16-byte loads in flight per lane
+// and tile), KF_WN x KF_WK (warps per block: along N, and along K with their partial sums
+// added through shared memory), KF_HINT (cache hint of W loads), KF_PIPE (1: load the
+// next U pieces before using the current ones).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifndef KF_HINT
+#define KF_HINT 1
+#endif
+#ifndef KF_PIPE
+#define KF_PIPE 0
+#endif
+
+__device__ __forceinline__ uint4 kf_ld_stream(const void* p) {
+    // W is read once: keep it out of L1 (x lives there), ask L2 for whole 256-byte lines.
+    uint4 v;
+#if KF_HINT == 1
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#elif KF_HINT == 2
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#else
+    v = __ldg(reinterpret_cast<const uint4*>(p));
+#endif
+    return v;
+}
+
+__device__ __forceinline__ uint4 kf_ld_x(const void* p) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+__device__ __forceinline__ void kf_mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
+                                       unsigned a3, unsigned b0, unsigned b1) {
+#if KF_BF16
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ float kf_to_float(KF_T v) {
+#if KF_BF16
+    return __bfloat162float(v);
+#else
+    return __half2float(v);
+#endif
+}
+
+__device__ __forceinline__ KF_T kf_from_float(float v) {
+#if KF_BF16
+    return __float2bfloat16_rn(v);
+#else
+    return __float2half_rn(v);
+#endif
+}
+
+// One step: two mmas per 16-byte piece of W (k order permuted identically in x and W).
+template <int R>
+__device__ __forceinline__ void kf_step(float (&acc)[R][4], const uint4& xa, const uint4& xb,
+                                        const uint4 (&w)[R]) {
+#pragma unroll
+    for (int t = 0; t < R; ++t) {
+        kf_mma(acc[t], xa.x, xb.x, xa.y, xb.y, w[t].x, w[t].y);
+        kf_mma(acc[t], xa.z, xb.z, xa.w, xb.w, w[t].z, w[t].w);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KF_WN * KF_WK * 32)
+kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __restrict__ bias,
+        KF_T* __restrict__ y, float* __restrict__ partial, unsigned int* __restrict__ counters,
+        int M, int N, int K, int kchunk, int has_bias) {
+    constexpr int R = KF_R, U = KF_U, MT = KF_MT, WN = KF_WN, WK = KF_WK;
+    constexpr int NB = 8 * R * WN;  // rows of W per block
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wn = warp % WN, wk = warp / WN;
+    const int r = lane >> 2, q = lane & 3;
+    const int n_warp = blockIdx.x * NB + wn * 8 * R;
+    // This block's K range (split-K over blockIdx.y), then this warp's slice of it (over wk).
+    const int kb_block = blockIdx.y * kchunk;
+    const int ke_block = min(K, kb_block + kchunk);
+    const int kslice = ((ke_block - kb_block + WK - 1) / WK + 31) / 32 * 32;
+    const int k_begin = min(ke_block, kb_block + wk * kslice);
+    const int k_end = min(ke_block, k_begin + kslice);
+
+    // Rows past N read row N-1 (in bounds, never stored): no predicate in the hot loop.
+    const KF_T* wrow[R];
+#pragma unroll
+    for (int t = 0; t < R; ++t)
+        wrow[t] = w + (size_t)min(n_warp + 8 * t + r, N - 1) * K + q * 8;
+    const bool has_a = r < M, has_b = MT > 8 && r + 8 < M;
+    const KF_T* xa_row = x + (size_t)(has_a ? r : 0) * K + q * 8;
+    const KF_T* xb_row = x + (size_t)(has_b ? r + 8 : 0) * K + q * 8;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+
+    float acc[R][4];
+#pragma unroll
+    for (int t = 0; t < R; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+
+    int k = k_begin;
+#if KF_PIPE
+    // Main loop, software-pipelined: the next U pieces per tile are loaded before the
+    // current ones are used, so a warp always has loads in flight.
+    uint4 wv[U][R];
+    if (k + 32 * U <= k_end) {
+#pragma unroll
+        for (int j = 0; j < U; ++j)
+#pragma unroll
+            for (int t = 0; t < R; ++t) wv[j][t] = kf_ld_stream(wrow[t] + k + 32 * j);
+    }
+    for (; k + 32 * U <= k_end; k += 32 * U) {
+        const bool more = k + 64 * U <= k_end;
+        uint4 nx[U][R];
+        if (more) {
+#pragma unroll
+            for (int j = 0; j < U; ++j)
+#pragma unroll
+                for (int t = 0; t < R; ++t) nx[j][t] = kf_ld_stream(wrow[t] + k + 32 * (U + j));
+        }
+        uint4 xa[U], xb[U];
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            xa[j] = has_a ? kf_ld_x(xa_row + k + 32 * j) : zero;
+            xb[j] = has_b ? kf_ld_x(xb_row + k + 32 * j) : zero;
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) kf_step<R>(acc, xa[j], xb[j], wv[j]);
+        if (more) {
+#pragma unroll
+            for (int j = 0; j < U; ++j)
+#pragma unroll
+                for (int t = 0; t < R; ++t) wv[j][t] = nx[j][t];
+        }
+    }
+#else
+    // Main loop: U pieces of 32 k per tile in flight per lane, all loads issued before use.
+    for (; k + 32 * U <= k_end; k += 32 * U) {
+        uint4 wv[U][R];
+#pragma unroll
+        for (int j = 0; j < U; ++j)
+#pragma unroll
+            for (int t = 0; t < R; ++t) wv[j][t] = kf_ld_stream(wrow[t] + k + 32 * j);
+        uint4 xa[U], xb[U];
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            xa[j] = has_a ? kf_ld_x(xa_row + k + 32 * j) : zero;
+            xb[j] = has_b ? kf_ld_x(xb_row + k + 32 * j) : zero;
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) kf_step<R>(acc, xa[j], xb[j], wv[j]);
+    }
+#endif
+    // Tail: 32 k at a time; a lane whose 8 k lie past the end contributes zeros.
+    for (; k < k_end; k += 32) {
+        const bool in = k + q * 8 < k_end;
+        uint4 wv[R];
+#pragma unroll
+        for (int t = 0; t < R; ++t) wv[t] = in ? kf_ld_stream(wrow[t] + k) : zero;
+        const uint4 xa = (in && has_a) ? kf_ld_x(xa_row + k) : zero;
+        const uint4 xb = (in && has_b) ? kf_ld_x(xb_row + k) : zero;
+        kf_step<R>(acc, xa, xb, wv);
+    }
+
+    if (WK > 1) {
+        // Sum the K slices of the block's warps through shared memory, in slice order.
+        __shared__ float red[WK > 1 ? WK - 1 : 1][WN][R * 4][32];
+        if (wk > 0) {
+#pragma unroll
+            for (int t = 0; t < R; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) red[wk - 1][wn][t * 4 + i][lane] = acc[t][i];
+        }
+        __syncthreads();
+        if (wk > 0) return;
+#pragma unroll
+        for (int s = 0; s < WK - 1; ++s)
+#pragma unroll
+            for (int t = 0; t < R; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[t][i] += red[s][wn][t * 4 + i][lane];
+    }
+    // acc[t][0..1]: y[r][n + 2q + {0,1}], acc[t][2..3]: y[r + 8][...], n = n_warp + 8t.
+    if (gridDim.y == 1) {
+#pragma unroll
+        for (int t = 0; t < R; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = r + (i >> 1) * 8, n = n_warp + 8 * t + 2 * q + (i & 1);
+                if (m < M && n < N) {
+                    float v = acc[t][i];
+                    if (has_bias) v += kf_to_float(bias[n]);
+                    y[(size_t)m * N + n] = kf_from_float(v);
+                }
+            }
+        return;
+    }
+#pragma unroll
+    for (int t = 0; t < R; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = r + (i >> 1) * 8, n = n_warp + 8 * t + 2 * q + (i & 1);
+            if (m < M && n < N) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[t][i];
+        }
+    // Only the WN warps with wk == 0 are left: they synchronise on named barrier 1.
+    __shared__ bool last;
+    __threadfence();  // partials visible device-wide before the counter says so
+    asm volatile("bar.sync 1, %0;" ::"r"(WN * 32));
+    if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
+    asm volatile("bar.sync 1, %0;" ::"r"(WN * 32));
+    if (!last) return;
+    __threadfence();
+    const int n0 = blockIdx.x * NB;
+    for (int idx = threadIdx.x; idx < M * NB; idx += WN * 32) {
+        const int m = idx / NB, n = n0 + idx % NB;
+        if (n >= N) continue;
+        float v = 0.f;
+        for (int s = 0; s < (int)gridDim.y; ++s)  // split order: the same sum every run
+            v += __ldcg(partial + ((size_t)s * M + m) * N + n);
+        if (has_bias) v += kf_to_float(bias[n]);
+        y[(size_t)m * N + n] = kf_from_float(v);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch on this stream
+}
+"""
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of the GEMV kernel (compile-time constants of one cubin)."""
+
+    r: int = 1  # 8-row tiles of W per warp: x fragments are reused across them
+    u: int = 4  # 16-byte loads of W in flight per lane and tile
+    wn: int = 1  # warps per block along N: a block owns 8 * r * wn rows of W
+    wk: int = 8  # warps per block along K: slices of the block's K, summed in shared memory
+    hint: int = 1  # W load: 1 = L1::no_allocate + L2::256B, 2 = L1::no_allocate, 0 = __ldg
+    pipe: int = 0  # 1: software-pipelined main loop (next loads issued before the mmas)
+
+    @property
+    def rows(self) -> int:
+        """Rows of W (outputs) per block."""
+        return 8 * self.r * self.wn
+
+    @property
+    def warps(self) -> int:
+        """Warps per block."""
+        return self.wn * self.wk
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """One call's launch: the config, how K is split over blocks, the grid."""
+
+    config: GemvConfig
+    mt: int  # rows of x the mma tile covers: 8 (M <= 8) or 16
+    splits: int
+    kchunk: int
+    grid: tuple[int, int]
+
+
+#: The config for every shape. Measured on an H100 (benchmarks/gemv_sweep.py over 60 configs x
+#: K splits at the 12 bar shapes; benchmarks/results/gemv.md): 8 warps on 8 rows of W, each
+#: warp streaming its own eighth of K, came within 5% of the best config at every shape (the
+#: spread between configs within 2-3% is run-to-run noise). Blocks that split K over warps
+#: start their warps at different columns, spreading the reads over HBM channels; warps of
+#: one block on different rows at the same column (wk=1) ran 5-25% slower.
+DEFAULT = GemvConfig()
+#: The config by mma tile height (8: M <= 8, 16: M <= 16), then per (N, K) overrides. For
+#: M > 8 each lane reads two 16-byte pieces of x per piece of W: two loads of W in flight per
+#: tile instead of four measured best there (benchmarks/gemv_final.py, harness timing).
+DEFAULTS: dict[int, GemvConfig] = {8: DEFAULT, 16: GemvConfig(r=1, u=2, wn=1, wk=8)}
+TUNED: dict[tuple[int, int], GemvConfig] = {}
+#: Bytes one extra split costs beyond its partial sums (the last block's fix-up latency:
+#: fence, counter, re-read of the partials; ~1.3 us at 3 TB/s).
+SPLIT_OVERHEAD_BYTES = 4e6
+#: Fewest K elements per split: shorter chunks spend more on set-up than on streaming.
+MIN_KCHUNK = 256
+#: Warps per SM that keep enough loads in flight to saturate HBM; fewer scale the rate down.
+TARGET_WARPS = 16
+
+
+def gemv_options(dtype: torch.dtype, mt: int, cfg: GemvConfig) -> tuple[str, ...]:
+    """NVRTC options (-D defines) of one GEMV variant."""
+    bf16 = dtype == torch.bfloat16
+    return (
+        f"-DKF_T={'__nv_bfloat16' if bf16 else '__half'}",
+        f"-DKF_BF16={int(bf16)}",
+        f"-DKF_MT={mt}",
+        f"-DKF_R={cfg.r}",
+        f"-DKF_U={cfg.u}",
+        f"-DKF_WN={cfg.wn}",
+        f"-DKF_WK={cfg.wk}",
+        f"-DKF_HINT={cfg.hint}",
+        f"-DKF_PIPE={cfg.pipe}",
+    )
+
+
+def gemv_kernel(dtype: torch.dtype, mt: int, cfg: GemvConfig, arch: str | None = None):
+    """The compiled GEMV variant (cached in memory and on disk by kernforge.cuda)."""
+    return kcuda.compile(GEMV_SOURCE, "kf_gemv", arch=arch, options=gemv_options(dtype, mt, cfg))
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def plan(m: int, n: int, k: int, sms: int, cfg: GemvConfig | None = None,
+         splits: int | None = None, target_warps: int | None = None) -> GemvPlan:  # fmt: skip
+    """Choose the config and the K split for an [m, k] x [n, k]^T product on ``sms`` SMs.
+
+    Every block streams the same number of bytes, so when all blocks fit on the GPU at once
+    the SM that gets the most sets the time: the split is the one that minimises
+    ``W / (balance * fill) + split costs``, where balance is blocks / (sms * ceil(blocks / sms))
+    (1 when there are more blocks than fit at once: the rest are handed out as SMs free up),
+    fill is the fraction of TARGET_WARPS warps per SM that the grid provides, and a split
+    costs its fp32 partial sums (written and read) plus a fixed fix-up latency.
+    """
+    mt = 8 if m <= 8 else 16
+    cfg = cfg or TUNED.get((n, k), DEFAULTS[mt])
+    n_blocks = -(-n // cfg.rows)
+    step = 32 * cfg.u * cfg.wk
+
+    def chunk(s: int) -> int:
+        return min(_round_up(-(-k // s), step), _round_up(k, 8))
+
+    if splits is None:
+        best = (math.inf, 1)
+        for s in range(1, 65):
+            kc = chunk(s)
+            if s > 1 and kc < MIN_KCHUNK:
+                break
+            real = -(-k // kc)
+            if real != s:
+                continue
+            blocks = n_blocks * s
+            # More blocks than fit at once are handed out as others finish: balanced enough.
+            resident = sms * max(1, min(32, 64 // cfg.warps))
+            balance = 1.0 if blocks >= resident else blocks / (sms * -(-blocks // sms))
+            fill = min(1.0, blocks * cfg.warps / (sms * (target_warps or TARGET_WARPS)))
+            cost = n * k * 2 / (balance * fill)
+            if s > 1:
+                cost += s * m * n * 8 + SPLIT_OVERHEAD_BYTES
+            if cost < best[0]:
+                best = (cost, s)
+        splits = best[1]
+    kc = chunk(max(1, splits))
+    splits = -(-k // kc)
+    return GemvPlan(cfg, mt, splits, kc, (n_blocks, splits))
+
+
+# Split-K arrival counters, one zeroed int32 buffer per (device, stream): the kernel's last
+# block resets its counter, so the buffer stays zero between launches in stream order.
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counter_buffer(dev: torch.device, blocks: int) -> torch.Tensor | None:
+    stream = torch.cuda.current_stream(dev)
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(), stream.cuda_stream)
+    buf = _counters.get(key)
+    if buf is not None and buf.numel() >= blocks:
+        return buf
+    if torch.cuda.is_current_stream_capturing():
+        return None  # no allocation inside a graph capture: run without split-K instead
+    buf = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=dev)
+    _counters[key] = buf
+    return buf
+
+
+def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         out: torch.Tensor, p: GemvPlan | None = None) -> None:  # fmt: skip
+    """Launch the GEMV: ``out[M, N] = x2[M, K] @ weight[N, K].T (+ bias)``, all contiguous."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    p = p or plan(m, n, k, device.num_sms(x2.device.index or 0))
+    counters = partial = None
+    if p.splits > 1:
+        counters = _counter_buffer(x2.device, p.grid[0])
+        if counters is None:
+            p = plan(m, n, k, 1, p.config, splits=1)
+        else:
+            partial = torch.empty(p.splits * m * n, dtype=torch.float32, device=x2.device)
+    kernel = gemv_kernel(x2.dtype, p.mt, p.config)
+    kernel.launch(
+        x2, weight, bias, out, partial, counters, m, n, k, p.kchunk, int(bias is not None),
+        grid=p.grid, block=32 * p.config.warps,
+    )  # fmt: skip
+
+
+def _out_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("kernforge::linear_gemv", mutates_args=())
+def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """CUDA GEMV ``x @ weight.T + bias`` for x [..., K] of at most MAX_M rows."""
+    k = x.shape[-1]
+    if weight.data_ptr() % 16:
+        # A view that starts mid-row of its storage: W cannot be read in 16-byte pieces.
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
+    out = new_output(_out_shape(x, weight), x.dtype, x.device)
+    if out.numel():
+        b = None if bias is None else bias.contiguous()
+        gemv(x2, weight, b, out.view(-1, weight.shape[0]))
+    return out
+
+
+@linear_gemv.register_fake
+def _(x, weight, bias):
+    return torch.empty(_out_shape(x, weight), dtype=x.dtype, device=x.device)
+
+
+class LinearFunction(torch.autograd.Function):
+    """Autograd for the GEMV forward; the backward is two torch matmuls (and a bias sum)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return op_call(linear_gemv, x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx = (dy2 @ weight).view(x.shape) if need[0] else None
+        dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+        db = dy2.sum(0) if ctx.has_bias and need[2] else None
+        return dx, dw, db
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """M: the rows of x, the product of its leading dimensions."""
+    return math.prod(x.shape[:-1])
+
+
+def _supports_cuda(x, weight, bias=None):
+    if x.device.type != "cuda":
+        return f"inputs are on {x.device}; the CUDA GEMV runs on CUDA tensors"
+    # Under torch.compile the tensors are fake, and CUDA tensors mean a GPU: only NVRTC and
+    # cuda-bindings remain to check, done eagerly on the first real call.
+    reason = None if torch.compiler.is_compiling() else kcuda.available()
+    if reason is not None:
+        return reason
+    if rows_of(x) > MAX_M:
+        return None  # accepted: routed to torch's matmul (cuBLAS GEMM), the designed path
+    if x.dtype not in GEMV_DTYPES:
+        return f"dtype {x.dtype} (the CUDA GEMV takes bfloat16 and float16)"
+    k = x.shape[-1]
+    if k % 8:
+        return f"K={k} is not a multiple of 8 (the GEMV reads W in 16-byte pieces)"
+    if not weight.is_contiguous():
+        return "weight is not contiguous (the GEMV streams its rows; pass weight.contiguous())"
+    return None
+
+
+@register_impl("linear", "cuda", supports=_supports_cuda)
+def linear_cuda(x, weight, bias=None):
+    """CUDA GEMV for M <= 16 rows; torch's matmul (cuBLAS) above, or when empty."""
+    if rows_of(x) > MAX_M or x.numel() == 0 or weight.shape[0] == 0:
+        return F.linear(x, weight, bias)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if not grad:
+        return op_call(linear_gemv, x, weight, bias)
+    return LinearFunction.apply(x, weight, bias)
+
+
+@register_impl("linear", "torch")
+def linear_torch(x, weight, bias=None):
+    """Reference: ``torch.nn.functional.linear``."""
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def shipped_variants() -> tuple[tuple[torch.dtype, int, GemvConfig], ...]:
+    """Every (dtype, mt, config) the dispatcher can launch: what CI compiles for each arch."""
+    cfgs = sorted({*DEFAULTS.values(), *TUNED.values()}, key=repr)
+    return tuple((d, mt, c) for d in GEMV_DTYPES for mt in (8, 16) for c in cfgs)
