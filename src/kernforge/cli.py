@@ -12,7 +12,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import FAMILIES, cases_for, run_cases, write_results
     from .bench.harness import environment, table
-    from .bench.suites import NOTES
+    from .bench.suites import notes_for
 
     families = args.families or list(FAMILIES)
     on_gpu = torch.cuda.is_available()
@@ -34,7 +34,7 @@ def _bench(args: argparse.Namespace) -> int:
 
             fam_env = {**env, "jit_host_us": host_overhead(on_gpu),
                        "jit_first_call_s": first_call_seconds(on_gpu)}  # fmt: skip
-        paths = write_results(family, rows, fam_env, out, NOTES.get(family, ""))
+        paths = write_results(family, rows, fam_env, out, notes_for(family, fam_env))
         print(f"\n## {family}  ->  {', '.join(str(p) for p in paths)}")
         print(table(rows, on_gpu))
     print(f"\ncopy bandwidth measured in this run: {copy_tbs:.3g} TB/s")
@@ -51,7 +51,7 @@ def _render(families: list[str], out: Path) -> int:
     """Rewrite ``<family>.md`` and ``.png`` from ``<family>.json`` (no measuring)."""
     from .bench import write_results
     from .bench.harness import load_results
-    from .bench.suites import NOTES
+    from .bench.suites import notes_for
 
     for family in families:
         path = out / f"{family}.json"
@@ -59,7 +59,7 @@ def _render(families: list[str], out: Path) -> int:
             print(f"no {path}; skipped", file=sys.stderr)
             continue
         name, results, env = load_results(path)
-        paths = write_results(name, results, env, out, NOTES.get(name, ""))
+        paths = write_results(name, results, env, out, notes_for(name, env))
         print(f"rendered {', '.join(str(p) for p in paths)}")
     return 0
 

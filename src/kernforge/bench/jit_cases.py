@@ -159,3 +159,20 @@ def first_call_seconds(on_gpu: bool, shape=(32768, 4096)) -> dict[str, dict[str,
             else:
                 os.environ["TRITON_CACHE_DIR"] = saved
     return out
+
+
+def notes(env: dict) -> str:
+    """The host-time and first-call figures of a run, for the results' notes."""
+    host, first = env.get("jit_host_us"), env.get("jit_first_call_s")
+    if not host:
+        return ""
+    cold = ", ".join(f"{k} {v['cold']:.2f} s" for k, v in first.items())
+    warm = max(v["warm"] for v in first.values())
+    return (
+        f"Host time of a cached kf.jit call (rmsnorm_gate on [8, 128] fp32, one kernel): "
+        f"{host['kf_jit_call_us']:.1f} us, against {host['bare_triton_launch_us']:.1f} us for "
+        f"launching the same Triton kernel through Triton's launcher and "
+        f"{host['torch_add_us']:.1f} us for one torch.add (bar: <= 30 us). First call (trace, "
+        f"passes, codegen, Triton compile) with Triton's binary cache empty: {cold}; with "
+        f"the binary cached on disk (a second process): <= {warm:.3f} s."
+    )

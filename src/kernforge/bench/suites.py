@@ -51,6 +51,25 @@ NOTES: dict[str, str] = {
         "torch.compile: a miss by the letter, about the run-to-run spread."
     ),
     "glu": "",
+    "gemv": (
+        "TB/s counts the weight bytes read (x and y are under 0.5%). Each timed call runs the "
+        "GEMV over ceil(1 GiB / W) weight copies (10 at 14336x4096 and 4096x14336, 3 at "
+        "151936x1536, 32 at 4096x4096) so that W always comes from HBM, never L2. The "
+        "harness flushes L2 (a 256 MB memset) before each replay; kernforge's GEMV loses "
+        "11-27% after that flush and cuBLAS 1-3% (benchmarks/gemv_final.py part A, same "
+        "graphs): replayed back to back, kernforge vs cuBLAS is 2.78 vs 2.80 TB/s at "
+        "1x14336x4096, 2.82 vs 2.71 at 16x151936x1536, 2.58 vs 2.57 at 16x4096x14336, and "
+        "the sweep (benchmarks/gemv_sweep.py, back to back, gemv.sweep.json) had the best "
+        "config per shape at 2.54-3.02 TB/s, 1.00-1.28x cuBLAS, at all 12 shapes (the shipped "
+        "configs, one per M <= 8 and M <= 16: 1.95-2.88 TB/s, 0.85-1.21x). Why the flush hurts "
+        "this kernel more is not yet known (dirty-line write-back against 8 warps per row "
+        "group each streaming its own K slice is the lead). The bar's 1.2x cuBLAS at M=1 "
+        "cannot be met at three shapes: cuBLAS reads 2.59-2.76 TB/s there, and 1.2x of that "
+        "is above this GPU's 3.0 TB/s copy bandwidth (the 2.13 TB/s cuBLAS figure the bar "
+        "came from was likely taken on the first call after an L2 flush). At 4096x4096 "
+        "kernforge is 1.08x cuBLAS here (1.18-1.20x back to back), and both are far under "
+        "2.6 TB/s: 32 MB is read in ~15 us, launch and ramp-up included."
+    ),
     "rope": (
         "Forward runs at 93-98% of copy bandwidth but 2-4% under torch.compile. A program "
         "handles one token of q or of k, so each cos/sin row is read twice (the bytes count it "
@@ -58,6 +77,19 @@ NOTES: dict[str, str] = {
         "ties torch.compile within ~1%."
     ),
 }
+
+
+def notes_for(family: str, env: dict) -> str:
+    """The notes written with ``family``'s results: :data:`NOTES`, plus the figures a run
+    records beside its table (kf.jit's host time and first-call time)."""
+    text = NOTES.get(family, "")
+    if family == "trace":
+        from .jit_cases import notes
+
+        text = " ".join(t for t in (text, notes(env)) if t)
+    return text
+
+
 #: Arguments that are constants, not trained (rope's cos/sin tables): no gradient is asked.
 CONSTANT_ARGS: dict[str, set[int]] = {"rope": {2, 3}}
 
@@ -141,6 +173,88 @@ def _specs() -> dict[str, list[Spec]]:
 
 
 FAMILIES: tuple[str, ...] = tuple(_specs())
+#: Families run only when named (``kernforge bench gemv``): their own shapes and bars.
+EXTRA_FAMILIES: tuple[str, ...] = ("gemv", "trace")
+
+#: Decode GEMV (ops.linear, M <= 16): (N, K) of W, rows M of x, the bar in TB/s of W read.
+GEMV_SHAPES = [(14336, 4096), (4096, 14336), (151936, 1536), (4096, 4096)]
+GEMV_CPU_SHAPES = [(64, 256), (100, 264)]
+GEMV_MS = (1, 4, 16)
+GEMV_TARGET = 2.6
+#: Bytes of weight copies one timed call reads (each GEMV on its own copy): W never sits in
+#: the 50 MB L2, and the write-back of the dirty lines that the harness's L2 flush leaves is
+#: spread over many GEMVs instead of charged to one.
+GEMV_ROTATE_BYTES = 1 << 30
+
+
+def _gemv_make(m, n, k, dtype, dev, copies, with_compile):
+    import torch.nn.functional as F
+
+    from ..kernels import linear
+
+    def make():
+        ws = [(torch.randn(n, k, device=dev) * k**-0.5).to(dtype) for _ in range(copies)]
+        x = torch.randn(m, k, device=dev).to(dtype)
+        if dev.type == "cuda":
+            reason = linear._supports_cuda(x, ws[0])
+            if reason is not None:
+                raise RuntimeError(f"the CUDA GEMV cannot run this case: {reason}")
+
+        def kernforge():
+            with backend("cuda" if dev.type == "cuda" else "torch"):
+                return [ops.linear(x, w) for w in ws]
+
+        impls = {"kernforge": kernforge, "torch": lambda: [F.linear(x, w) for w in ws]}
+        if with_compile:
+            compiled = torch.compile(lambda x, w: F.linear(x, w), dynamic=False)
+            impls["torch.compile"] = lambda: [compiled(x, w) for w in ws]
+        ref_dtype = torch.float32 if dev.type == "cuda" else torch.float64
+
+        def check():
+            want = x.to(ref_dtype) @ ws[0].to(ref_dtype).t()
+            return _rel_err((kernforge()[0],), (want,))
+
+        return impls, check
+
+    return make
+
+
+def _gemv_cases(on_gpu: bool, with_compile: bool, quick: bool) -> list[Case]:
+    """ops.linear at the decode shapes; bytes are those of W (x and y are under 0.5%)."""
+    dtype = torch.bfloat16
+    dev = torch.device("cuda" if on_gpu else "cpu")
+    shapes, ms = (GEMV_SHAPES, GEMV_MS) if on_gpu else (GEMV_CPU_SHAPES, (1, 3))
+    if quick:
+        shapes, ms = shapes[:1], ms[:1]
+    cases = []
+    for n, k in shapes:
+        wbytes = n * k * dtype.itemsize
+        copies = max(2, -(-GEMV_ROTATE_BYTES // wbytes)) if on_gpu else 2
+        for m in ms:
+            make = _gemv_make(m, n, k, dtype, dev, copies, with_compile)
+            cases.append(Case("gemv", "linear", "fwd", (m, n, k), dtype, copies * wbytes,
+                              make, GEMV_TARGET))  # fmt: skip
+    return cases
+
+
+#: kf.jit (issue 3): traced NumPy functions at one shape, bar 85% of a 3.0 TB/s copy.
+TRACE_SHAPE, TRACE_CPU_SHAPE, TRACE_TARGET = (32768, 4096), (16, 256), 0.85 * 3.0
+
+
+def _trace_cases(on_gpu: bool, with_compile: bool) -> list[Case]:
+    """Each NumPy function of :mod:`.jit_cases` (one fused kernel) against torch and
+    torch.compile of the same function written in torch."""
+    from .jit_cases import specs
+
+    dtype = torch.bfloat16
+    dev = torch.device("cuda" if on_gpu else "cpu")
+    shape = TRACE_SHAPE if on_gpu else TRACE_CPU_SHAPE
+    cases = []
+    for name, build, kf_fn, torch_fn, nbytes in specs():
+        make = _make(name, build, kf_fn, torch_fn, shape, dtype, dev, "fwd", with_compile)
+        cases.append(Case("trace", name, "fwd", shape, dtype, nbytes(shape, dtype.itemsize, "fwd"),
+                          make, TRACE_TARGET))  # fmt: skip
+    return cases
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -210,7 +324,7 @@ def cases_for(families: list[str] | None = None, quick: bool = False, on_gpu: bo
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     with_compile = on_gpu if with_compile is None else with_compile
     specs = _specs()
-    unknown = sorted(set(families or []) - set(specs))
+    unknown = sorted(set(families or []) - set(specs) - set(EXTRA_FAMILIES))
     if unknown:
         raise ValueError(f"unknown benchmark families {unknown}; choose from {', '.join(specs)}")
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
@@ -221,6 +335,12 @@ def cases_for(families: list[str] | None = None, quick: bool = False, on_gpu: bo
     dev = torch.device("cuda" if on_gpu else "cpu")
     cases = []
     for family in families or list(specs):
+        if family == "gemv":
+            cases += _gemv_cases(on_gpu, with_compile, quick)
+            continue
+        if family == "trace":
+            cases += _trace_cases(on_gpu, with_compile)
+            continue
         for name, build, kf_fn, torch_fn, nbytes in specs[family]:
             for shape in shapes:
                 for direction in directions:

@@ -25,7 +25,7 @@ import torch
 
 from .. import device
 from ..errors import ArgumentError, DeviceError
-from .trace import Traced, bind, is_array, trace, trace_bound
+from .trace import Leaf, Traced, bind, is_array, trace, trace_bound
 
 MODES = ("numpy", "simulate", "interpret", "gpu")
 
@@ -44,6 +44,7 @@ class _Entry:
     #: positions of the graph inputs in ``args`` when every one is a top-level torch tensor
     #: on the device the kernels run on (the key then guarantees it for every hit)
     direct: list[int] | None = None
+    single: bool = False  # the function returns exactly one array
 
 
 def _key(x) -> Any:
@@ -115,12 +116,15 @@ class JitFunction:
         mode = self.mode or default_mode()
         if mode == "numpy":
             return self._run_numpy(args, kwargs)
-        key = (mode, tuple(map(_key, args)), tuple((k, _key(v)) for k, v in kwargs.items()))
+        key = (mode, tuple(map(_key, args)))
+        if kwargs:
+            key += tuple((k, _key(v)) for k, v in kwargs.items())
         entry = self._cache.get(key)
         if entry is None:
             entry = self._cache[key] = self._build(args, kwargs, mode)
         if entry.direct is not None:  # the hot path: tensors already where the kernels run
-            return entry.traced.rebuild(entry.program.run([args[i] for i in entry.direct]))
+            outs = entry.program.run([args[i] for i in entry.direct])
+            return outs[0] if entry.single else entry.traced.rebuild(outs)
         arrays = [_get(args, kwargs, p) for p in entry.paths]
         tensors, kind = _to_target(arrays, mode)
         if mode == "simulate":
@@ -140,7 +144,9 @@ class JitFunction:
         """The kernels for these arguments (a :class:`kernforge.codegen.Lowered`; its
         ``plan.describe()`` says how the graph was fused)."""
         mode = self.mode if self.mode in ("interpret", "gpu") else default_mode()
-        key = (mode, tuple(map(_key, args)), tuple((k, _key(v)) for k, v in kwargs.items()))
+        key = (mode, tuple(map(_key, args)))
+        if kwargs:
+            key += tuple((k, _key(v)) for k, v in kwargs.items())
         entry = self._cache.get(key)
         if entry is None:
             entry = self._cache[key] = self._build(args, kwargs, mode)
@@ -164,6 +170,7 @@ class JitFunction:
         _paths(args, ("a",), found)
         _paths(kwargs, ("k",), found)
         entry = _Entry(traced, graph, [found[id(a)] for a in bound.arrays])
+        entry.single = isinstance(traced.out_tree.skeleton, Leaf)
         if mode in ("interpret", "gpu"):
             interpret = mode == "interpret"
             if not interpret and device.INTERPRET:

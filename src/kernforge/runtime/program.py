@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from triton import knobs as _knobs
+from triton.runtime import driver as _driver
 
 from ..codegen import Lowered
 from ..ir import Graph, Value
-from ..kernels.common import new_output
+from ..kernels import common
 from .loader import load
 
 TORCH_DTYPES = {
@@ -41,17 +43,13 @@ class Step:
 
 def _hooks() -> bool:
     """Whether a profiler hooks Triton launches (then every launch goes through Triton)."""
-    from triton import knobs
-
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
     # Triton 3.6 keeps an always-present, usually empty, HookChain; older ones keep None.
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
-def _stream(index: int) -> int:
-    from triton.runtime import driver
-
-    return driver.active.get_current_stream(index)
+def _empty(shape, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=dev)
 
 
 def _torch_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -97,8 +95,10 @@ class Program:
                 fn = load(src.source, src.name, interpret)
                 args = [slot[id(v)] for v in src.args]
                 launch = src.launch
-                self.steps.append(Step(fn, args, launch.grid, launch.num_warps, launch.num_stages))
+                grid = (*launch.grid, 1, 1)[:3]
+                self.steps.append(Step(fn, args, grid, launch.num_warps, launch.num_stages))
         self.outputs = [slot[id(v)] for v in graph.outputs]
+        self._blank = [None] * (self.n_slots - self.n_inputs)
         self._const_cache: dict[torch.device, list[torch.Tensor]] = {}
 
     def _constants(self, dev: torch.device) -> list[torch.Tensor]:
@@ -117,36 +117,32 @@ class Program:
         """Run on ``inputs`` (torch tensors of the traced shapes, strides and alignment, on one
         device)."""
         dev = inputs[0].device if inputs else torch.device("cpu" if self.interpret else "cuda")
-        env: list = [*inputs, *([None] * (self.n_slots - self.n_inputs))]
+        env: list = [*inputs, *self._blank]
         if self.constants:
             for (i, _), t in zip(self.constants, self._constants(dev), strict=True):
                 env[i] = t
+        empty = common.new_output if common._poison else _empty
         for i, shape, dtype in self.allocs:
-            env[i] = new_output(shape, dtype, dev)
+            env[i] = empty(shape, dtype, dev)
+        fast = not self.interpret and not _hooks()
         for s in self.steps:
+            args = [env[i] for i in s.args]
             if s.fn is None:
-                env[s.out] = _torch_matmul(env[s.args[0]], env[s.args[1]])
+                env[s.out] = _torch_matmul(*args)
+            elif fast and s.compiled is not None:
+                # Triton's launcher re-binds and re-specializes the arguments on every call
+                # (~10 us of host time); the kf.jit cache key (shapes, strides, 16-byte
+                # alignment) already pins them down, so the compiled kernel is called directly.
+                k, g = s.compiled, s.grid
+                stream = _driver.active.get_current_stream(dev.index)
+                k.run(
+                    g[0], g[1], g[2], stream, k.function, k.packed_metadata, None, None, None, *args
+                )
             else:
-                self._launch(s, [env[i] for i in s.args], dev)
+                k = s.fn[s.grid](*args, num_warps=s.num_warps, num_stages=s.num_stages)
+                if not self.interpret:
+                    s.compiled = k
         return [env[i] for i in self.outputs]
-
-    def _launch(self, s: Step, args: list[torch.Tensor], dev: torch.device) -> None:
-        """Launch one kernel. After the first launch, the compiled kernel is called directly:
-        Triton's launcher re-binds and re-specializes the arguments on every call (~15 us of
-        host time), which the cache key of ``kf.jit`` (shapes, strides, 16-byte alignment)
-        already pins down."""
-        k = s.compiled
-        if k is None or _hooks():
-            k = s.fn[s.grid](*args, num_warps=s.num_warps, num_stages=s.num_stages)
-            if not self.interpret:
-                s.compiled = k
-            return
-        g = s.grid
-        stream = _stream(dev.index if dev.index is not None else torch.cuda.current_device())
-        k.run(
-            g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, k.function,
-            k.packed_metadata, None, None, None, *args,
-        )  # fmt: skip
 
     def kernel_count(self) -> int:
         return len(self.steps)
