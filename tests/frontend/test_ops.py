@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kernforge.frontend.np_api as knp
+from kernforge import device
 
 MODES = ["numpy", "simulate", "interpret", "gpu"]
 #: Relative (norm-wise) error allowed, by result dtype.
@@ -509,6 +510,8 @@ def _params():
     out = []
     for mode in MODES:
         marks = [pytest.mark.gpu] if mode == "gpu" else []
+        if mode == "interpret" and not device.INTERPRET:
+            marks = [pytest.mark.skip(reason="interpret mode needs KERNFORGE_INTERPRET=1 here")]
         out += [pytest.param(c, mode, id=f"{c.name}-{mode}", marks=marks) for c in CASES]
     return out
 

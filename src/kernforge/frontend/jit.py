@@ -175,8 +175,16 @@ class JitFunction:
             interpret = mode == "interpret"
             if not interpret and device.INTERPRET:
                 raise DeviceError(
-                    "kf.jit mode='gpu' needs a CUDA GPU that Triton compiles for; this machine "
+                    "kf.jit mode='gpu' needs a CUDA GPU that Triton compiles for; this process "
                     "runs Triton in its interpreter: use mode='interpret'"
+                )
+            if interpret and not device.INTERPRET:
+                # Triton's own library (tl.sum, tl.sigmoid, ...) is compiled or interpreted
+                # for the whole process, decided when triton.language is first imported.
+                raise DeviceError(
+                    "kf.jit mode='interpret' needs Triton's interpreter for the whole process; "
+                    "on a GPU machine start Python with KERNFORGE_INTERPRET=1 (or "
+                    "TRITON_INTERPRET=1), or use mode='gpu'"
                 )
             tensors, _ = _to_target(bound.arrays, mode)
             strides = [tuple(t.stride()) for t in tensors]
