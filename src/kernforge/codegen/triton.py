@@ -626,17 +626,10 @@ def rows(w: Writer, single_max: int) -> tuple[str, Launch]:
         f"    rmask = rows < {R}",
     ]
     outer = Scope(body, "    ")
-    full_roots = [
-        r for r in _roots_in_order(g) if r.shape == shape and r.shape != _kept_shape(g, r)
-    ]
-    row_roots = [r for r in _roots_in_order(g) if r not in full_roots]
-    col_line = "tl.arange(0, {bc})[None, :]"
+    full_roots = [r for r in _roots_in_order(g) if r.shape == shape]
+    row_roots = [r for r in _roots_in_order(g) if r.shape != shape]
     if single:
-        body += [
-            f"    cols = {col_line.format(bc=bc)}",
-            f"    cmask = cols < {C}",
-            "    mask = rmask & cmask",
-        ]
+        _columns(body, "    ", bc, C)
         for red in g.reductions:
             if (id(red), w.canon_out(red)) not in w.regs:
                 w.reduce(red, outer)
@@ -650,23 +643,27 @@ def rows(w: Writer, single_max: int) -> tuple[str, Launch]:
         _store(w, root, e, _contig(_root_map(w, root), root.shape), frozenset({"r"}), outer)
     if full_roots:
         if inner is None:
-            body.append(f"    for c0 in range(0, {C}, {bc}):")
-            inner = Scope(body, "        ", parent=outer)
-            body += [
-                f"        cols = c0 + {col_line.format(bc=bc)}",
-                f"        cmask = cols < {C}",
-                "        mask = rmask & cmask",
-            ]
+            inner = _column_loop(outer, bc, C)
         for root in full_roots:
             e = w.ev(root, w.in_map, inner)
             _store(w, root, e, _contig(w.in_map, shape), frozenset({"r", "c"}), inner)
     return _source(w, body), Launch((-(-R // bm),), warps)
 
 
-def _kept_shape(g: KernelGroup, root: Value):
-    kept = tuple(n for i, n in enumerate(g.shape) if i not in g.axes)
-    keep = tuple(1 if i in g.axes else n for i, n in enumerate(g.shape))
-    return kept if root.shape == kept else keep if root.shape == keep else None
+def _columns(lines: list[str], indent: str, bc: int, C: int, start: str = "") -> None:
+    """Define the column tile: ``cols``, its mask, and the tile's mask."""
+    lines += [
+        f"{indent}cols = {start}tl.arange(0, {bc})[None, :]",
+        f"{indent}cmask = cols < {C}",
+        f"{indent}mask = rmask & cmask",
+    ]
+
+
+def _column_loop(outer: Scope, bc: int, C: int) -> Scope:
+    """Open a loop over the row's column tiles; returns the loop body's scope."""
+    outer.lines.append(f"    for c0 in range(0, {C}, {bc}):")
+    _columns(outer.lines, "        ", bc, C, "c0 + ")
+    return Scope(outer.lines, "        ", parent=outer)
 
 
 def _root_map(w: Writer, root: Value) -> tuple[Affine, ...]:
@@ -695,13 +692,7 @@ def _looped_reduction(w: Writer, red: Node, outer: Scope, bc: int, C: int) -> No
     lines.append(f"    {acc} = tl.full([{w.bm}, {bc}], {init}, {dt})")
     if op in ("argmax", "argmin"):
         lines.append(f"    {acc}_i = tl.zeros([{w.bm}, {bc}], tl.int64)")
-    lines.append(f"    for c0 in range(0, {C}, {bc}):")
-    inner = Scope(lines, "        ", parent=outer)
-    lines += [
-        f"        cols = c0 + tl.arange(0, {bc})[None, :]",
-        f"        cmask = cols < {C}",
-        "        mask = rmask & cmask",
-    ]
+    inner = _column_loop(outer, bc, C)
     x = w.ev(red.inputs[0], w.in_map, inner)
     v = f"tl.where(mask, {x.name}, {init})"
     if op == "sum":
