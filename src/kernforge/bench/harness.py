@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import config, device
+from ..fileio import write_atomic
 from ..progress import Progress
 
 #: Reference implementations raced in every case, in report order.
@@ -284,7 +285,7 @@ def write_results(family: str, results: list[Result], env: dict, out_dir: Path,
     payload = {"family": family, "environment": env, "notes": notes,
                "results": [asdict(r) for r in results]}  # fmt: skip
     paths = [out_dir / f"{family}.json", out_dir / f"{family}.md"]
-    _atomic_write(paths[0], json.dumps(payload, indent=1) + "\n")
+    write_atomic(paths[0], json.dumps(payload, indent=1) + "\n")
     dev = env["device"]
     md = [
         f"# {family} benchmark",
@@ -302,7 +303,7 @@ def write_results(family: str, results: list[Result], env: dict, out_dir: Path,
     ]
     if notes:
         md += ["## Notes", "", notes, ""]
-    _atomic_write(paths[1], "\n".join(md))
+    write_atomic(paths[1], "\n".join(md))
     png = plot(family, results, env, out_dir / f"{family}.png")
     if png is not None:
         paths.append(png)
@@ -341,9 +342,3 @@ def plot(family: str, results: list[Result], env: dict, path: Path) -> Path | No
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -406,13 +406,15 @@ class Writer:
             return self.assign(
                 scope, f"tl.min({hit}, axis=1, keep_dims=True).to(tl.int64)", frozenset({"r"})
             )
+        return self.assign(scope, self.row_reduce(op, v.name), frozenset({"r"}), "red")
+
+    def row_reduce(self, op: str, tile: str) -> str:
+        """``tile`` reduced along its columns by sum, prod, max or min (kept as [rows, 1])."""
         if op == "prod":
             self.helpers.add("_kf_mul")
-            expr = f"tl.reduce({v.name}, 1, _kf_mul, keep_dims=True)"
-        else:
-            fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[op]
-            expr = f"{fn}({v.name}, axis=1, keep_dims=True)"
-        return self.assign(scope, expr, frozenset({"r"}), "red")
+            return f"tl.reduce({tile}, 1, _kf_mul, keep_dims=True)"
+        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[op]
+        return f"{fn}({tile}, axis=1, keep_dims=True)"
 
 
 def _int_max(dt: str) -> int:
@@ -715,14 +717,8 @@ def _looped_reduction(w: Writer, red: Node, outer: Scope, bc: int, C: int) -> No
         m = w.assign(outer, f"{fn}({acc}, axis=1, keep_dims=True)", frozenset({"r"}))
         hit = f"tl.where({acc} == {m.name}, {acc}_i, {2**62})"
         e = w.assign(outer, f"tl.min({hit}, axis=1, keep_dims=True)", frozenset({"r"}), "red")
-    elif op == "prod":
-        w.helpers.add("_kf_mul")
-        e = w.assign(
-            outer, f"tl.reduce({acc}, 1, _kf_mul, keep_dims=True)", frozenset({"r"}), "red"
-        )
     else:
-        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[op]
-        e = w.assign(outer, f"{fn}({acc}, axis=1, keep_dims=True)", frozenset({"r"}), "red")
+        e = w.assign(outer, w.row_reduce(op, acc), frozenset({"r"}), "red")
     w.regs[(id(red), w.canon_out(red))] = e
 
 

@@ -15,13 +15,10 @@ write the same bytes, so the last rename wins harmlessly.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config
+from ..fileio import write_atomic
 
 #: Bump when the entry layout or anything else that changes cubins without changing the key
 #: (e.g. default options) changes: old entries then simply stop matching.
@@ -205,16 +203,8 @@ def put(key: str, entry: Entry) -> None:
     with _lock:
         _memory[key] = entry
     path = path_for(key)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(encode(key, entry))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        write_atomic(path, encode(key, entry), fsync=True)
         stats.writes += 1
     except OSError as exc:
         stats.write_errors += 1
@@ -225,7 +215,3 @@ def put(key: str, entry: Entry) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

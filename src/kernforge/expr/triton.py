@@ -12,21 +12,15 @@ see :mod:`~kernforge.expr.layout`). A program processes a [BLOCK_M, BLOCK_N] til
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
-import os
-import sys
-import tempfile
 import threading
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import triton
 
-from .. import config, device
-from ..errors import CompileError
+from .. import device
+from ..runtime.loader import import_source
 from .emit import Emitter
 from .layout import MAX_OUTER, Layout
 from .program import N, Program
@@ -250,46 +244,12 @@ _by_program: dict[Program, ModuleType] = {}  # skips generating and hashing sour
 _lock = threading.Lock()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load(src: str) -> ModuleType:
     """Import generated module source ``src`` (cached in memory and on disk by its hash)."""
-    digest = hashlib.sha256(src.encode()).hexdigest()[:24]
     with _lock:
-        mod = _modules.get(digest)
-        if mod is not None:
-            return mod
-        path = config.settings.cache_dir / "expr" / "triton" / f"k_{digest}.py"
-        try:
-            current = path.read_text() if path.exists() else None
-        except OSError:
-            current = None
-        if current != src:  # missing, truncated or corrupt: write it again
-            _write_atomic(path, src)
-        name = f"kernforge_expr_k_{digest}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise CompileError(f"cannot import generated Triton module {path}")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise CompileError(
-                f"generated Triton module {path} failed to import: {exc}\n{src}"
-            ) from exc
-        _modules[digest] = mod
+        mod = _modules.get(src)
+        if mod is None:
+            mod = _modules[src] = import_source(src, "expr/triton")
         return mod
 
 

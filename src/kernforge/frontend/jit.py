@@ -25,6 +25,7 @@ import torch
 
 from .. import device
 from ..errors import ArgumentError, DeviceError
+from .dtypes import to_torch
 from .trace import Leaf, Traced, bind, is_array, trace, trace_bound
 
 MODES = ("numpy", "simulate", "interpret", "gpu")
@@ -116,12 +117,7 @@ class JitFunction:
         mode = self.mode or default_mode()
         if mode == "numpy":
             return self._run_numpy(args, kwargs)
-        key = (mode, tuple(map(_key, args)))
-        if kwargs:
-            key += tuple((k, _key(v)) for k, v in kwargs.items())
-        entry = self._cache.get(key)
-        if entry is None:
-            entry = self._cache[key] = self._build(args, kwargs, mode)
+        entry = self._entry(args, kwargs, mode)
         if entry.direct is not None:  # the hot path: tensors already where the kernels run
             outs = entry.program.run([args[i] for i in entry.direct])
             return outs[0] if entry.single else entry.traced.rebuild(outs)
@@ -144,19 +140,23 @@ class JitFunction:
         """The kernels for these arguments (a :class:`kernforge.codegen.Lowered`; its
         ``plan.describe()`` says how the graph was fused)."""
         mode = self.mode if self.mode in ("interpret", "gpu") else default_mode()
-        key = (mode, tuple(map(_key, args)))
-        if kwargs:
-            key += tuple((k, _key(v)) for k, v in kwargs.items())
-        entry = self._cache.get(key)
-        if entry is None:
-            entry = self._cache[key] = self._build(args, kwargs, mode)
-        return entry.program.lowered
+        return self._entry(args, kwargs, mode).program.lowered
 
     def source(self, *args, **kwargs) -> str:
         """The generated Triton source for these arguments, every kernel in launch order."""
         return self.lower(*args, **kwargs).source()
 
     # -- internals -------------------------------------------------------------------------
+
+    def _entry(self, args, kwargs, mode: str) -> _Entry:
+        """The cached trace and program for these arguments (built on a miss)."""
+        key = (mode, tuple(map(_key, args)))
+        if kwargs:
+            key += tuple((k, _key(v)) for k, v in kwargs.items())
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._cache[key] = self._build(args, kwargs, mode)
+        return entry
 
     def _build(self, args, kwargs, mode: str) -> _Entry:
         from ..codegen import lower
@@ -277,10 +277,8 @@ def _to_numpy(a) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, dtype: str | None = None) -> torch.Tensor:
-    from ..runtime.program import TORCH_DTYPES
-
     t = torch.from_numpy(np.array(a, order="C"))  # a copy; keeps 0-d arrays 0-d
-    return t if dtype is None else t.to(TORCH_DTYPES[dtype])
+    return t if dtype is None else t.to(to_torch(dtype))
 
 
 def _back(t: torch.Tensor, kind) -> Any:

@@ -16,16 +16,10 @@ from triton import knobs as _knobs
 from triton.runtime import driver as _driver
 
 from ..codegen import Lowered
+from ..frontend.dtypes import to_torch
 from ..ir import Graph, Value
 from ..kernels import common
 from .loader import load
-
-TORCH_DTYPES = {
-    "bool": torch.bool, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
-    "int64": torch.int64, "uint8": torch.uint8, "uint16": torch.uint16, "uint32": torch.uint32,
-    "uint64": torch.uint64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float32": torch.float32, "float64": torch.float64,
-}  # fmt: skip
 
 
 @dataclass
@@ -82,7 +76,7 @@ class Program:
             if node.op == "constant":
                 self.constants.append((slot[id(v)], v))
             else:
-                self.allocs.append((slot[id(v)], v.shape, TORCH_DTYPES[v.dtype]))
+                self.allocs.append((slot[id(v)], v.shape, to_torch(v.dtype)))
         self.n_slots = len(slot)
         self.steps: list[Step] = []
         for group, src in zip(lowered.plan.groups, lowered.sources, strict=True):
@@ -105,7 +99,7 @@ class Program:
         got = self._const_cache.get(dev)
         if got is None:
             got = [
-                torch.tensor(v.node.attrs["data"], dtype=TORCH_DTYPES[v.dtype], device=dev).reshape(
+                torch.tensor(v.node.attrs["data"], dtype=to_torch(v.dtype), device=dev).reshape(
                     v.shape
                 )
                 for _, v in self.constants
