@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -135,3 +136,34 @@ def test_progress_bar_lines():
             bar.step(label)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3 and "1/3" in lines[0] and lines[-1].startswith("work [" + "#" * 24)
+
+
+def test_speedup_bars_flops_table_and_family_bars(tmp_path):
+    from kernforge.bench.harness import Bar, Result, geomean, load_results, table, verdict
+
+    def result(kf_ms, ref_ms, least):
+        flops = 2 * 64**3
+        ms = {"kernforge": kf_ms, "torch": ref_ms, "torch_loop": 4 * ref_ms}
+        return Result("gemm", "matmul", "fwd", [64, 64, 64], "bfloat16", 1, ms=ms,
+                      tbs={n: 1e-9 / m for n, m in ms.items()}, flops=flops,
+                      tflops={n: flops / (m * 1e-3) / 1e12 for n, m in ms.items()},
+                      vs={n: m / kf_ms for n, m in ms.items() if n != "kernforge"},
+                      target_vs={"torch": least}, meets_target=False)  # fmt: skip
+
+    fast, slow = result(1.0, 1.0, 0.95), result(2.0, 1.0, 0.95)
+    assert verdict(fast) == "met"
+    assert verdict(slow) == "MISSED: 0.500x torch < 0.95x"
+    text = table([fast, slow], on_gpu=True)
+    head = text.splitlines()[0]
+    assert "kernforge TFLOP/s" in head and "x torch_loop" in head and "% copy" not in head
+    assert "| 0.000524 |" in text  # 2*64^3 flops in 1 ms, in TFLOP/s
+    assert abs(geomean([2.0, 0.5]) - 1.0) < 1e-12 and math.isnan(geomean([]))
+    bars = [Bar("geomean x torch", 0.75, 1.0), Bar("x loop", 4.0, 2.0)]
+    assert [b.met for b in bars] == [False, True]
+    env = environment(1.0, on_gpu=False)
+    write_results("gemm", [fast, slow], env, tmp_path, "", bars)
+    payload = json.loads((tmp_path / "gemm.json").read_text())
+    assert [b["met"] for b in payload["bars"]] == [False, True]
+    assert "| geomean x torch | 0.75x | 1.0x | MISSED |" in (tmp_path / "gemm.md").read_text()
+    _, loaded, _ = load_results(tmp_path / "gemm.json")
+    assert loaded[1].tflops == slow.tflops and loaded[1].target_vs == {"torch": 0.95}

@@ -1,4 +1,4 @@
-"""The ``kernforge`` command: ``kernforge bench`` and ``kernforge info``."""
+"""The ``kernforge`` command: ``kernforge bench``, ``kernforge tune`` and ``kernforge info``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import FAMILIES, cases_for, run_cases, write_results
     from .bench.harness import environment, table
-    from .bench.suites import notes_for
+    from .bench.suites import bars_for, notes_for
 
     families = args.families or list(FAMILIES)
     on_gpu = torch.cuda.is_available()
@@ -34,7 +34,8 @@ def _bench(args: argparse.Namespace) -> int:
 
             fam_env = {**env, "jit_host_us": host_overhead(on_gpu),
                        "jit_first_call_s": first_call_seconds(on_gpu)}  # fmt: skip
-        paths = write_results(family, rows, fam_env, out, notes_for(family, fam_env))
+        notes, bars = notes_for(family, fam_env), bars_for(family, rows)
+        paths = write_results(family, rows, fam_env, out, notes, bars)
         print(f"\n## {family}  ->  {', '.join(str(p) for p in paths)}")
         print(table(rows, on_gpu))
     print(f"\ncopy bandwidth measured in this run: {copy_tbs:.3g} TB/s")
@@ -51,7 +52,7 @@ def _render(families: list[str], out: Path) -> int:
     """Rewrite ``<family>.md`` and ``.png`` from ``<family>.json`` (no measuring)."""
     from .bench import write_results
     from .bench.harness import load_results
-    from .bench.suites import notes_for
+    from .bench.suites import bars_for, notes_for
 
     for family in families:
         path = out / f"{family}.json"
@@ -59,8 +60,65 @@ def _render(families: list[str], out: Path) -> int:
             print(f"no {path}; skipped", file=sys.stderr)
             continue
         name, results, env = load_results(path)
-        paths = write_results(name, results, env, out, notes_for(name, env))
+        paths = write_results(
+            name, results, env, out, notes_for(name, env), bars_for(name, results)
+        )
         print(f"rendered {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise SystemExit(f"kernforge tune: bad shape {text!r}; write sizes joined by x, "
+                         "e.g. 4096x4096x4096")  # fmt: skip
+    return dims
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import config, device, tune
+    from .progress import Progress
+
+    known = tune.tunable()
+    if args.list or not args.kernel:
+        print("tunable kernels:")
+        for name, entry in known.items():
+            print(f"  {name}: shapes {entry.shapes_help}")
+        stored = tune.entries(args.kernel)
+        print(f"remembered choices ({len(stored)}):")
+        for e in stored:
+            print(f"  {e['kernel']} {e['ident'][-1]} -> {e['config']} ({e['ms']:.4g} ms, "
+                  f"{e['ident'][3][0]}, {e['when']})")  # fmt: skip
+        return 0
+    if args.kernel not in known:
+        print(f"kernforge tune: unknown kernel {args.kernel!r}; tunable: "
+              f"{', '.join(known) or 'none'}", file=sys.stderr)  # fmt: skip
+        return 2
+    if device.INTERPRET or not device.cuda_available():
+        print("kernforge tune: tuning measures on a CUDA GPU, and this process has none "
+              "(kernels run in Triton's CPU interpreter here)", file=sys.stderr)  # fmt: skip
+        return 2
+    entry = known[args.kernel]
+    shapes = [_parse_shape(s) for s in args.shapes.split(",")] if args.shapes else []
+    shapes = shapes or list(entry.default_shapes)
+    if not shapes:
+        print(f"kernforge tune: give --shapes ({entry.shapes_help})", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    with tune.forcing(), Progress(len(shapes), f"tune {args.kernel} shapes") as bar:
+        for shape in shapes:
+            entry.run(shape, dtype)
+            torch.cuda.synchronize()
+            bar.step("x".join(map(str, shape)))
+    print(
+        f"tuned {len(shapes)} shape(s); choices remembered under "
+        f"{config.settings.cache_dir / 'tune'} (kernforge tune --list shows them)"
+    )
     return 0
 
 
@@ -87,13 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark catalog families against torch and "
                            "torch.compile; writes JSON, Markdown and PNG results")  # fmt: skip
     bench.add_argument("families", nargs="*", help="families to run (default: all): "
-                       "rms_norm layer_norm softmax glu rope")  # fmt: skip
+                       "rms_norm layer_norm softmax glu rope; named only: gemv trace gemm "
+                       "attention")  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="one shape, forward only")
     bench.add_argument("--out", help="results folder (default: benchmarks/results on a GPU, "
                        "bench-out/cpu without one)")  # fmt: skip
     bench.add_argument("--render", action="store_true", help="measure nothing: rewrite the "
                        "Markdown and PNG of each family from its JSON in --out")  # fmt: skip
     bench.set_defaults(func=_bench)
+    tune = sub.add_parser("tune", help="measure the launch configs of a tuned kernel at given "
+                          "shapes and remember the fastest (KERNFORGE_CACHE_DIR/tune)")  # fmt: skip
+    tune.add_argument("kernel", nargs="?", help="kernel to tune (none: list tunable kernels)")
+    tune.add_argument("--shapes", help="comma-separated shapes, sizes joined by x "
+                      "(matmul: MxNxK, e.g. 4096x4096x4096,128x4096x14336)")  # fmt: skip
+    tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    tune.add_argument("--list", action="store_true", help="list tunable kernels and the "
+                      "remembered choices")  # fmt: skip
+    tune.set_defaults(func=_tune)
     info = sub.add_parser("info", help="device, versions, settings and registered ops")
     info.set_defaults(func=_info)
     return parser

@@ -11,6 +11,9 @@ tools that change the environment afterwards call :func:`reload`.
 - ``KERNFORGE_CACHE_DIR`` (a path, default ~/.cache/kernforge): compiled artefacts, tuning.
 - ``KERNFORGE_CHECK_INDICES`` (0 | 1, default 1): check index inputs (rope's position ids)
   against their table before launch; costs a device sync.
+- ``KERNFORGE_TUNE`` (auto | off, default auto): auto measures the candidate configs of a
+  tuned kernel on the GPU the first time a shape bucket is seen and remembers the best on disk;
+  off never measures (remembered choices, else each kernel's shipped default).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Settings:
     interpret: str = "auto"  # "auto" | "0" | "1"
     cache_dir: Path = Path("~/.cache/kernforge").expanduser()
     check_indices: bool = True
+    tune: str = "auto"  # "auto" | "off"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -64,6 +68,7 @@ class Settings:
             interpret=_choice(env, "KERNFORGE_INTERPRET", ("auto", "0", "1"), "auto"),
             cache_dir=Path(cache).expanduser(),
             check_indices=_flag(env, "KERNFORGE_CHECK_INDICES", True),
+            tune=_choice(env, "KERNFORGE_TUNE", ("auto", "off"), "auto"),
         )
 
     def describe(self) -> dict[str, str]:

@@ -79,8 +79,8 @@ class Case:
     """One benchmark: an op at one shape, dtype and direction.
 
     ``make()`` builds fresh random inputs and returns ``{impl name: zero-argument callable}``
-    for "kernforge" and each of :data:`REFERENCES` it can build, and a ``check`` callable
-    returning kernforge's relative error against a float32-or-better reference.
+    for "kernforge" and each reference it races (:data:`REFERENCES` for memory-bound ops), and
+    a ``check`` callable returning kernforge's relative error against a float32-or-better reference.
     """
 
     family: str
@@ -91,6 +91,9 @@ class Case:
     nbytes: int  # fewest bytes the computation must move (inputs read once, outputs written once)
     make: Callable[[], tuple[dict[str, Callable[[], object]], Callable[[], float]]]
     target_tbs: float | None = None  # the issue's bar for kernforge, in TB/s
+    flops: int = 0  # floating-point operations of one call (compute-bound cases report TFLOP/s)
+    #: The issue's bar as speed-ups: {reference name: least kernforge speed-up over it}.
+    target_vs: dict[str, float] | None = None
 
     @property
     def label(self) -> str:
@@ -114,6 +117,9 @@ class Result:
     frac_of_copy: float = math.nan
     vs: dict[str, float] = field(default_factory=dict)  # kernforge speed-up over each reference
     target_tbs: float | None = None
+    flops: int = 0
+    tflops: dict[str, float] = field(default_factory=dict)
+    target_vs: dict[str, float] | None = None
     meets_target: bool | None = None
     timing: str = ""  # how the times were taken
     error: str = ""
@@ -123,7 +129,8 @@ def run_case(case: Case, on_gpu: bool, copy_tbs: float, with_compile: bool) -> R
     """Time one case's implementations and compare them."""
     dtype = str(case.dtype).replace("torch.", "")
     res = Result(case.family, case.op, case.direction, list(case.shape), dtype, case.nbytes,
-                 target_tbs=case.target_tbs)  # fmt: skip
+                 target_tbs=case.target_tbs, flops=case.flops,
+                 target_vs=case.target_vs)  # fmt: skip
     try:
         if on_gpu:
             # Inputs and the forward that a backward case differentiates run on the stream the
@@ -143,6 +150,8 @@ def run_case(case: Case, on_gpu: bool, copy_tbs: float, with_compile: bool) -> R
             res.timing = f"events (graph capture failed: {str(exc)[:80]})"
             res.ms = {n: time_fn(f, on_gpu) for n, f in timed.items()}
         res.tbs = {n: case.nbytes / (ms * 1e-3) / 1e12 for n, ms in res.ms.items()}
+        if case.flops:
+            res.tflops = {n: case.flops / (ms * 1e-3) / 1e12 for n, ms in res.ms.items()}
     except Exception as exc:  # a failing case is reported, not fatal to the whole run
         res.error = f"{type(exc).__name__}: {exc}"[:500]
         return res
@@ -152,12 +161,39 @@ def run_case(case: Case, on_gpu: bool, copy_tbs: float, with_compile: bool) -> R
     kf_ms = res.ms.get("kernforge")
     if kf_ms:
         res.frac_of_copy = res.tbs["kernforge"] / copy_tbs
-        res.vs = {name: res.ms[name] / kf_ms for name in REFERENCES if name in res.ms}
-        if case.target_tbs is not None and on_gpu:
-            res.meets_target = res.tbs["kernforge"] >= case.target_tbs and all(
-                v >= 1.0 for k, v in res.vs.items() if k == "torch.compile"
-            )
+        res.vs = {name: ms / kf_ms for name, ms in res.ms.items() if name != "kernforge"}
+        if on_gpu and (case.target_tbs is not None or case.target_vs):
+            res.meets_target = _meets(res)
     return res
+
+
+def _meets(r: Result) -> bool:
+    """A bandwidth bar (with >= 1.0x torch.compile, where it was raced) and each speed-up bar."""
+    ok = True
+    if r.target_tbs is not None:
+        ok = r.tbs["kernforge"] >= r.target_tbs and r.vs.get("torch.compile", 1.0) >= 1.0
+    return ok and all(r.vs.get(ref, 0.0) >= least for ref, least in (r.target_vs or {}).items())
+
+
+@dataclass
+class Bar:
+    """A family-level bar over several results (a geometric mean of speed-ups, say)."""
+
+    name: str
+    value: float
+    target: float
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.target
+
+
+def geomean(values: list[float]) -> float:
+    """Geometric mean (NaN for no values)."""
+    if not values:
+        return math.nan
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def run_cases(cases: list[Case], on_gpu: bool | None = None, with_compile: bool | None = None,
@@ -231,8 +267,14 @@ TIE_RATIO = 0.98
 
 def verdict(r: Result) -> str:
     """The bar's verdict for one result: met, a tie at the roofline, or MISSED by how much."""
-    if r.target_tbs is None or r.meets_target is None:
+    if r.meets_target is None:
         return "-"
+    if r.target_vs:
+        vs = {ref: r.vs.get(ref, 0.0) for ref in r.target_vs}
+        short = [f"{vs[ref]:.3f}x {ref} < {least}x"
+                 for ref, least in r.target_vs.items() if not vs[ref] >= least]  # fmt: skip
+        if r.target_tbs is None or short:
+            return "met" if not short else "MISSED: " + ", ".join(short)
     kf = r.tbs["kernforge"]
     vs = r.vs.get("torch.compile", 1.0)
     if kf >= r.target_tbs and vs >= 1.0:
@@ -247,27 +289,54 @@ def verdict(r: Result) -> str:
     return "MISSED: " + ", ".join(short)
 
 
+def implementations(results: list[Result]) -> list[str]:
+    """kernforge, then every reference raced in ``results``, in the order first seen."""
+    names = ["kernforge"]
+    for r in results:
+        names += [n for n in r.ms if n not in names]
+    return names
+
+
+def _rate(r: Result) -> tuple[dict[str, float], str]:
+    """The figure a result is judged by: TFLOP/s for compute-bound cases, else TB/s."""
+    return (r.tflops, "TFLOP/s") if r.flops else (r.tbs, "TB/s")
+
+
 def table(results: list[Result], on_gpu: bool) -> str:
-    """A Markdown table of results."""
-    unit = "TB/s" if on_gpu else "GB/s (CPU, not performance)"
+    """A Markdown table of results: each implementation's TB/s (TFLOP/s for compute-bound
+    cases), kernforge's fraction of the copy bandwidth, and its speed-up over each reference."""
+    names = implementations(results)
+    refs = names[1:]
+    unit = "TFLOP/s" if results and all(r.flops for r in results) else "TB/s"
+    if not on_gpu:
+        unit += " (CPU, not performance)"
+    copy_col = not all(r.flops for r in results)
+    head = ["case", *(f"{n} {unit}" for n in names), *(["% copy"] if copy_col else []),
+            *(f"x {n}" for n in refs), "rel err", "verdict"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     scale = 1.0 if on_gpu else 1e3
-    head = (f"| case | kernforge {unit} | torch {unit} | compile {unit} | % copy | "
-            "x torch | x compile | rel err | verdict |")  # fmt: skip
-    lines = [head, "|" + "---|" * 9]
     for r in results:
         dims = "x".join(map(str, r.shape))
         name = f"{r.op} {r.direction} [{dims}] {r.dtype}"
         if r.error:
-            lines.append(f"| {name} | error: {r.error} |" + " |" * 7)
+            lines.append(f"| {name} | error: {r.error} |" + " |" * (len(head) - 2))
             continue
-        t = {k: _fmt(v * scale) for k, v in r.tbs.items()}
-        target = verdict(r)
-        lines.append(
-            f"| {name} | {t.get('kernforge', '-')} | {t.get('torch', '-')} | "
-            f"{t.get('torch.compile', '-')} | {_fmt(100 * r.frac_of_copy)} | "
-            f"{_fmt(r.vs.get('torch'))} | {_fmt(r.vs.get('torch.compile'))} | "
-            f"{_fmt(r.rel_err, 2)} | {target} |"
-        )
+        rate, _ = _rate(r)
+        cells = [name, *(_fmt(rate[n] * scale) if n in rate else "-" for n in names)]
+        if copy_col:
+            cells.append(_fmt(100 * r.frac_of_copy))
+        cells += [_fmt(r.vs.get(n)) for n in refs]
+        cells += [_fmt(r.rel_err, 2), verdict(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bars_table(bars: list[Bar]) -> str:
+    """A Markdown table of family-level bars."""
+    lines = ["| bar | measured | target | verdict |", "|---|---|---|---|"]
+    for b in bars:
+        verdict_ = "met" if b.met else "MISSED"
+        lines.append(f"| {b.name} | {_fmt(b.value)}{b.unit} | {b.target}{b.unit} | {verdict_} |")
     return "\n".join(lines)
 
 
@@ -278,11 +347,14 @@ def load_results(path: Path) -> tuple[str, list[Result], dict]:
 
 
 def write_results(family: str, results: list[Result], env: dict, out_dir: Path,
-                  notes: str = "") -> list[Path]:  # fmt: skip
-    """Write ``<family>.json``, ``<family>.md`` and (with matplotlib) ``<family>.png``."""
+                  notes: str = "", bars: list[Bar] | None = None) -> list[Path]:  # fmt: skip
+    """Write ``<family>.json``, ``<family>.md`` and (with matplotlib) ``<family>.png``;
+    ``bars`` are the family-level bars, computed from ``results``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     on_gpu = env["device"].get("gpu", "none") != "none"
+    bars = bars or []
     payload = {"family": family, "environment": env, "notes": notes,
+               "bars": [{**asdict(b), "met": b.met} for b in bars],
                "results": [asdict(r) for r in results]}  # fmt: skip
     paths = [out_dir / f"{family}.json", out_dir / f"{family}.md"]
     write_atomic(paths[0], json.dumps(payload, indent=1) + "\n")
@@ -294,13 +366,16 @@ def write_results(family: str, results: list[Result], env: dict, out_dir: Path,
         f"triton {dev['triton']}. Copy bandwidth measured in this run: {env['copy_tbs']:.3g} TB/s.",
         f"Timing: {env['timing']}.",
         f"Host time per op call (tiny input; µs): {env['host_us_per_op_call'] or 'n/a'}.",
-        "Verdict: each case's bar is a kernforge bandwidth (TB/s) and >= 1.0x torch.compile; a "
-        f"'tie' is >= {ROOFLINE_FRAC:.0%} of the copy bandwidth and within "
-        f"{1 - TIE_RATIO:.0%} of torch.compile, where both sit at the roofline.",
+        "Verdict: a case's bar is a kernforge bandwidth (TB/s, with >= 1.0x torch.compile) "
+        "and/or least speed-ups over named references; a 'tie' is >= "
+        f"{ROOFLINE_FRAC:.0%} of the copy bandwidth and within {1 - TIE_RATIO:.0%} of "
+        "torch.compile, where both sit at the roofline.",
         "",
         table(results, on_gpu),
         "",
     ]
+    if bars:
+        md += ["## Family bars", "", bars_table(bars), ""]
     if notes:
         md += ["## Notes", "", notes, ""]
     write_atomic(paths[1], "\n".join(md))
@@ -322,18 +397,20 @@ def plot(family: str, results: list[Result], env: dict, path: Path) -> Path | No
     ok = [r for r in results if not r.error]
     if not ok:
         return None
-    names = ["kernforge", *REFERENCES]
+    names = implementations(ok)
+    unit = "TFLOP/s" if all(r.flops for r in ok) else "TB/s"
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(ok) + 2), 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(ok))]
-        ax.bar(xs, [r.tbs.get(name, 0.0) for r in ok], width, label=name)
-    ax.axhline(env["copy_tbs"], color="k", linestyle="--", linewidth=1,
-               label=f"copy roofline {env['copy_tbs']:.2f} TB/s")  # fmt: skip
+        ax.bar(xs, [_rate(r)[0].get(name, 0.0) for r in ok], width, label=name)
+    if unit == "TB/s":
+        ax.axhline(env["copy_tbs"], color="k", linestyle="--", linewidth=1,
+                   label=f"copy roofline {env['copy_tbs']:.2f} TB/s")  # fmt: skip
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ok))])
     ax.set_xticklabels([f"{r.op} {r.direction}\n{'x'.join(map(str, r.shape))}" for r in ok],
                        fontsize=7, rotation=20, ha="right")  # fmt: skip
-    ax.set_ylabel("achieved TB/s")
+    ax.set_ylabel(f"achieved {unit}")
     ax.set_title(f"kernforge {family} on {env['device'].get('gpu')}")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -173,8 +173,26 @@ def _specs() -> dict[str, list[Spec]]:
 
 
 FAMILIES: tuple[str, ...] = tuple(_specs())
+#: Families whose cases live in modules of their own (``bench/cases_<name>.py``), each with
+#: ``cases(on_gpu, quick) -> list[Case]`` and ``bars(results) -> list[Bar]``.
+CASE_MODULES: dict[str, tuple[str, ...]] = {
+    "gemm": ("cases_matmul", "cases_fp8_grouped", "cases_moe"),
+    "attention": ("cases_attention", "cases_decode"),
+}
 #: Families run only when named (``kernforge bench gemv``): their own shapes and bars.
-EXTRA_FAMILIES: tuple[str, ...] = ("gemv", "trace")
+EXTRA_FAMILIES: tuple[str, ...] = ("gemv", "trace", *CASE_MODULES)
+
+
+def _modules(family: str) -> list:
+    import importlib
+
+    return [importlib.import_module(f".{m}", __package__) for m in CASE_MODULES.get(family, ())]
+
+
+def bars_for(family: str, results: list) -> list:
+    """The family-level bars (:class:`~.harness.Bar`) of ``family``'s results."""
+    return [bar for module in _modules(family) for bar in module.bars(results)]
+
 
 #: Decode GEMV (ops.linear, M <= 16): (N, K) of W, rows M of x, the bar in TB/s of W read.
 GEMV_SHAPES = [(14336, 4096), (4096, 14336), (151936, 1536), (4096, 4096)]
@@ -340,6 +358,9 @@ def cases_for(families: list[str] | None = None, quick: bool = False, on_gpu: bo
             continue
         if family == "trace":
             cases += _trace_cases(on_gpu, with_compile)
+            continue
+        if family in CASE_MODULES:
+            cases += [c for module in _modules(family) for c in module.cases(on_gpu, quick)]
             continue
         for name, build, kf_fn, torch_fn, nbytes in specs[family]:
             for shape in shapes:

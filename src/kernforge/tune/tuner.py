@@ -1,0 +1,212 @@
+"""The tuner: measure candidate configs once per (kernel, key, device), remember the best."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import config, device
+from ..errors import ArgumentError
+from ..fileio import write_atomic
+from ..progress import Progress
+
+#: Bumped when the on-disk entry format changes: older entries are then re-measured.
+FORMAT = 1
+
+_force = False
+_TUNERS: dict[str, Tuner] = {}
+
+
+def bucket(n: int) -> int:
+    """The shape bucket of a size: the next power of two (1 for 0 and 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@contextmanager
+def forcing() -> Iterator[None]:
+    """Inside, :meth:`Tuner.pick` re-measures every key it is asked for, even remembered ones
+    (``kernforge tune`` uses this), and stores the new choice."""
+    global _force
+    before, _force = _force, True
+    try:
+        yield
+    finally:
+        _force = before
+
+
+def _plain(value: Any) -> Any:
+    """A key part as JSON: tuples become lists, torch dtypes their names."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise ArgumentError(f"tune keys hold ints, floats, strs, bools and dtypes; got {value!r}")
+
+
+def _device_id() -> list[str]:
+    import triton
+
+    info = device.describe()
+    return [info.get("gpu", "none"), info.get("arch", "cpu"), triton.__version__]
+
+
+class Tuner:
+    """Candidate launch configs of one kernel, and the best one per key.
+
+    ``configs`` are frozen dataclasses of one type (their fields, ints/strs/bools, are what the
+    disk cache stores). ``version`` names the kernel's code: change it when the kernel changes,
+    and older measurements are ignored and re-taken.
+    """
+
+    def __init__(self, name: str, configs: Sequence[Any], version: str = "1"):
+        if not configs:
+            raise ArgumentError(f"tune.Tuner({name!r}): no candidate configs")
+        kinds = {type(c) for c in configs}
+        if len(kinds) != 1 or not dataclasses.is_dataclass(configs[0]):
+            raise ArgumentError(f"tune.Tuner({name!r}): configs must be dataclasses of one type")
+        self.name, self.version = name, str(version)
+        self.configs = list(dict.fromkeys(configs))  # unique, in order
+        self._memo: dict[str, Any] = {}
+        _TUNERS[name] = self
+
+    def _ident(self, key: tuple) -> tuple[list, str]:
+        full = [FORMAT, self.name, self.version, _device_id(), _plain(tuple(key))]
+        text = json.dumps(full, separators=(",", ":"))
+        return full, hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def path(self, key: tuple) -> Path:
+        """The file that remembers ``key``'s choice on this device."""
+        _, digest = self._ident(key)
+        return config.settings.cache_dir / "tune" / self.name / f"{digest}.json"
+
+    def _config_of(self, fields: dict) -> Any | None:
+        for c in self.configs:
+            if dataclasses.asdict(c) == fields:
+                return c
+        return None  # a config no longer offered: the entry is stale
+
+    def _load(self, key: tuple) -> Any | None:
+        full, _ = self._ident(key)
+        try:
+            entry = json.loads(self.path(key).read_text())
+            if entry["ident"] != full:
+                return None
+            return self._config_of(entry["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # missing, truncated or foreign: measure again
+
+    def pick(self, key: tuple, run: Callable[[Any], object], default: Any) -> Any:
+        """The best config for ``key``: remembered, else measured with ``run`` (on a GPU, with
+        ``KERNFORGE_TUNE=auto``), else ``default``.
+
+        ``run(config)`` launches the kernel once on real buffers. Under the CPU interpreter,
+        during CUDA-graph capture and with ``KERNFORGE_TUNE=off`` nothing is measured.
+        """
+        if device.INTERPRET or not device.cuda_available():
+            return default
+        digest = self._ident(key)[1]
+        if not _force:
+            hit = self._memo.get(digest)
+            if hit is None:
+                hit = self._load(key)
+            if hit is not None:
+                self._memo[digest] = hit
+                return hit
+            if config.settings.tune == "off":
+                return default
+        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+            return default  # timing would break the capture; not remembered
+        best = self.measure(key, run)
+        self._memo[digest] = best if best is not None else default
+        return self._memo[digest]
+
+    def measure(self, key: tuple, run: Callable[[Any], object]) -> Any | None:
+        """Time every candidate for ``key`` with ``run`` and store the fastest (None when
+        every candidate failed to compile or launch)."""
+        import triton.testing
+
+        timings: list[tuple[Any, float | None, str]] = []
+        shown = ", ".join(map(str, key))
+        note = f"measuring {len(self.configs)} configs (once per shape bucket; remembered on disk)"
+        print(f"kernforge.tune: {self.name} ({shown}): {note}", file=sys.stderr, flush=True)
+        with Progress(len(self.configs), f"tune {self.name}") as bar:
+            for cfg in self.configs:
+                try:
+                    run(cfg)  # compiles; a config over the shared-memory budget fails here
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench(lambda c=cfg: run(c), warmup=5, rep=25,
+                                                 return_mode="median")  # fmt: skip
+                    timings.append((cfg, float(ms), ""))
+                except Exception as exc:  # noqa: BLE001  (any failure rules the config out)
+                    timings.append((cfg, None, f"{type(exc).__name__}: {exc}"[:200]))
+                bar.step(f"{cfg}"[:60])
+        ok = [(ms, i) for i, (_, ms, _) in enumerate(timings) if ms is not None]
+        if not ok:
+            print(f"kernforge.tune: {self.name}: every config failed ({timings[0][2]})",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        best = timings[min(ok)[1]][0]
+        full, _ = self._ident(key)
+        entry = {
+            "ident": full,
+            "config": dataclasses.asdict(best),
+            "ms": min(ok)[0],
+            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "timings": [[dataclasses.asdict(c), ms, err] for c, ms, err in timings],
+        }
+        write_atomic(self.path(key), json.dumps(entry, indent=1) + "\n")
+        return best
+
+
+@dataclass(frozen=True)
+class CliEntry:
+    """A kernel that ``kernforge tune`` can tune: ``run(shape, dtype)`` calls it once."""
+
+    run: Callable[[tuple[int, ...], torch.dtype], object]
+    shapes_help: str
+    default_shapes: tuple[tuple[int, ...], ...] = ()
+
+
+_CLI: dict[str, CliEntry] = {}
+
+
+def register_cli(
+    name: str,
+    run: Callable[[tuple[int, ...], torch.dtype], object],
+    shapes_help: str,
+    default_shapes: Sequence[tuple[int, ...]] = (),
+) -> None:
+    """Make ``kernforge tune <name> --shapes ...`` call ``run(shape, dtype)`` once per shape
+    under :func:`forcing`, so that every tuner it reaches re-measures. ``shapes_help`` names
+    the dimensions (``"MxNxK"``); ``default_shapes`` are tuned when none are given."""
+    _CLI[name] = CliEntry(run, shapes_help, tuple(tuple(s) for s in default_shapes))
+
+
+def tunable() -> dict[str, CliEntry]:
+    """The kernels registered for ``kernforge tune``, by name."""
+    return dict(sorted(_CLI.items()))
+
+
+def entries(name: str | None = None) -> list[dict]:
+    """Remembered choices on disk (of kernel ``name``, or all), newest first."""
+    root = config.settings.cache_dir / "tune"
+    found = []
+    for path in sorted(root.glob(f"{name or '*'}/*.json")):
+        try:
+            entry = json.loads(path.read_text())
+            found.append({"kernel": path.parent.name, "path": str(path), **entry})
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda e: e.get("when", ""), reverse=True)
