@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import sys
@@ -55,6 +56,7 @@ def _plain(value: Any) -> Any:
     raise ArgumentError(f"tune keys hold ints, floats, strs, bools and dtypes; got {value!r}")
 
 
+@functools.cache
 def _device_id() -> list[str]:
     import triton
 
@@ -78,7 +80,7 @@ class Tuner:
             raise ArgumentError(f"tune.Tuner({name!r}): configs must be dataclasses of one type")
         self.name, self.version = name, str(version)
         self.configs = list(dict.fromkeys(configs))  # unique, in order
-        self._memo: dict[str, Any] = {}
+        self._memo: dict[tuple, Any] = {}  # by key as given: the hot path hashes nothing else
         _TUNERS[name] = self
 
     def _ident(self, key: tuple) -> tuple[list, str]:
@@ -114,23 +116,24 @@ class Tuner:
         ``run(config)`` launches the kernel once on real buffers. Under the CPU interpreter,
         during CUDA-graph capture and with ``KERNFORGE_TUNE=off`` nothing is measured.
         """
+        if not _force:
+            hit = self._memo.get(key)
+            if hit is not None:
+                return hit
         if device.INTERPRET or not device.cuda_available():
             return default
-        digest = self._ident(key)[1]
         if not _force:
-            hit = self._memo.get(digest)
-            if hit is None:
-                hit = self._load(key)
+            hit = self._load(key)
             if hit is not None:
-                self._memo[digest] = hit
+                self._memo[key] = hit
                 return hit
             if config.settings.tune == "off":
                 return default
         if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
             return default  # timing would break the capture; not remembered
         best = self.measure(key, run)
-        self._memo[digest] = best if best is not None else default
-        return self._memo[digest]
+        self._memo[key] = best if best is not None else default
+        return self._memo[key]
 
     def measure(self, key: tuple, run: Callable[[Any], object]) -> Any | None:
         """Time every candidate for ``key`` with ``run`` and store the fastest (None when
