@@ -80,14 +80,16 @@ NOTES: dict[str, str] = {
 
 
 def notes_for(family: str, env: dict) -> str:
-    """The notes written with ``family``'s results: :data:`NOTES`, plus the figures a run
-    records beside its table (kf.jit's host time and first-call time)."""
-    text = NOTES.get(family, "")
+    """The notes written with ``family``'s results: :data:`NOTES`, the figures a run records
+    beside its table (kf.jit's host time and first-call time), and the ``NOTES`` of the
+    family's case modules."""
+    parts = [NOTES.get(family, "")]
     if family == "trace":
         from .jit_cases import notes
 
-        text = " ".join(t for t in (text, notes(env)) if t)
-    return text
+        parts.append(notes(env))
+    parts += [getattr(module, "NOTES", "") for module in _modules(family)]  # cases modules' own
+    return "\n\n".join(t for t in parts if t)
 
 
 #: Arguments that are constants, not trained (rope's cos/sin tables): no gradient is asked.
