@@ -164,6 +164,6 @@ def test_speedup_bars_flops_table_and_family_bars(tmp_path):
     write_results("gemm", [fast, slow], env, tmp_path, "", bars)
     payload = json.loads((tmp_path / "gemm.json").read_text())
     assert [b["met"] for b in payload["bars"]] == [False, True]
-    assert "| geomean x torch | 0.75x | 1.0x | MISSED |" in (tmp_path / "gemm.md").read_text()
+    assert "| geomean x torch | 0.75x | 1x | MISSED |" in (tmp_path / "gemm.md").read_text()
     _, loaded, _ = load_results(tmp_path / "gemm.json")
     assert loaded[1].tflops == slow.tflops and loaded[1].target_vs == {"torch": 0.95}

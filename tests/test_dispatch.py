@@ -41,6 +41,21 @@ def test_auto_prefers_triton(toy_op):
     assert calls == ["triton"]
 
 
+def test_named_only_impl_is_skipped_by_auto(toy_op):
+    toy, calls = toy_op
+    dispatch.register_impl("toy_op_for_tests", "cuda", auto=False)(
+        lambda x, n: calls.append("cuda") or x + n
+    )
+    dispatch.PREFERENCE, before = ("cuda", "triton", "torch"), dispatch.PREFERENCE
+    try:
+        toy(torch.zeros(1))  # auto: cuda is named-only, so triton
+        with kf.backend("cuda"):
+            toy(torch.zeros(1))
+    finally:
+        dispatch.PREFERENCE = before
+    assert calls == ["triton", "cuda"]
+
+
 def test_context_and_set_backend(toy_op):
     toy, calls = toy_op
     kf.set_backend("torch")

@@ -45,6 +45,7 @@ class Impl:
     backend: str
     fn: Callable[..., Any]
     supports: Supports | None = None
+    auto: bool = True  # taken by "auto"; False: only when this backend is named
 
     def reason_unsupported(self, args: dict[str, Any]) -> str | None:
         return None if self.supports is None else self.supports(**args)
@@ -64,12 +65,14 @@ def _check_backend_name(name: str) -> str:
 
 
 def register_impl(
-    name: str, backend: str, supports: Supports | None = None
+    name: str, backend: str, supports: Supports | None = None, auto: bool = True
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as ``backend``'s implementation of op ``name``.
 
     ``fn`` is called with the public op's arguments as keywords. ``supports``, when given, is
     called the same way and returns None or a one-line reason the inputs are not supported.
+    ``auto=False`` keeps ``"auto"`` from choosing it (a reference is faster there): it runs
+    only when its backend is named.
     """
     _check_backend_name(backend)
 
@@ -77,7 +80,7 @@ def register_impl(
         impls = _IMPLS.setdefault(name, {})
         if backend in impls:
             raise ValueError(f"op {name!r} already has a {backend!r} implementation")
-        impls[backend] = Impl(name, backend, fn, supports)
+        impls[backend] = Impl(name, backend, fn, supports, auto)
         return fn
 
     return deco
@@ -121,6 +124,8 @@ def select(name: str, args: dict[str, Any]) -> Impl:
     reasons: list[str] = []
     for b in candidates:
         impl = impls.get(b)
+        if impl is not None and wanted == "auto" and not impl.auto:
+            continue  # named-only: a reference is faster for auto's purposes
         reason = f"no {b} implementation" if impl is None else impl.reason_unsupported(args)
         if reason is None:
             return impl  # type: ignore[return-value]

@@ -335,8 +335,9 @@ def bars_table(bars: list[Bar]) -> str:
     """A Markdown table of family-level bars."""
     lines = ["| bar | measured | target | verdict |", "|---|---|---|---|"]
     for b in bars:
-        verdict_ = "met" if b.met else "MISSED"
-        lines.append(f"| {b.name} | {_fmt(b.value)}{b.unit} | {b.target}{b.unit} | {verdict_} |")
+        cells = (b.name, f"{_fmt(b.value)}{b.unit}", f"{_fmt(b.target)}{b.unit}",
+                 "met" if b.met else "MISSED")  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,9 +185,13 @@ def _time(run: Callable[[Any], object], cfg: Any) -> float:
             run(cfg)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            run(cfg)
-        fn = graph.replay
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.cuda.graph(graph, stream=stream):
+                run(cfg)
+        # An empty graph (the launch went to another stream) would time nothing.
+        if not any("empty" in str(w.message) for w in caught):
+            fn = graph.replay
     except Exception:  # noqa: BLE001  (not capturable: time the launches)
         torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
