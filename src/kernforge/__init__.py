@@ -1,7 +1,9 @@
 """kernforge: fast, testable deep-learning kernels for NVIDIA GPUs (Hopper first).
 
-Public API: :mod:`kernforge.ops` (the catalog), :func:`jit` and :mod:`kernforge.np` (NumPy
-code to fused kernels), :func:`elementwise` and :func:`rowwise` (expression kernels),
+Public API: :mod:`kernforge.ops` (the catalog), :mod:`kernforge.nn` (layers: the MoE expert
+layer), :mod:`kernforge.tune` (autotuning with an on-disk cache), :func:`jit` and
+:mod:`kernforge.np` (NumPy code to fused kernels), :func:`elementwise` and :func:`rowwise`
+(expression kernels),
 :func:`set_backend`, :func:`backend`, :func:`get_backend`, and the error types in
 :mod:`kernforge.errors`.
 """
@@ -11,7 +13,9 @@ from . import (  # noqa: F401  (kernels registers the impls)
     device,  # first: decides Triton interpretation before any kernel is defined
     errors,
     kernels,
+    nn,  # torch.nn layers on the catalog ops (docs/moe.md)
     ops,
+    tune,
 )
 from .dispatch import FallbackWarning, backend, get_backend, registered, set_backend
 from .errors import (
@@ -35,5 +39,5 @@ __all__ = [
     "ArgumentError", "CompileError", "ConfigError", "DTypeError", "DeviceError", "FallbackWarning",
     "KernforgeError", "ShapeError", "UnsupportedError", "backend", "config", "device",
     "errors", "get_backend", "ops", "registered", "set_backend", "__version__",
-    "elementwise", "rowwise", "TraceError", "jit", "np",
+    "elementwise", "rowwise", "TraceError", "jit", "np", "nn", "tune",
 ]  # fmt: skip

@@ -3,8 +3,12 @@ clear kernforge error instead of a Triton traceback or a silent wrong answer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
+from . import config
 from .errors import DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,3 +69,28 @@ def last_dim_vector(op: str, name: str, w: torch.Tensor | None, x: torch.Tensor)
     floating(op, name, w)
     shape(op, name, w, (x.shape[-1],), f"one value per feature of x's last dimension {x.shape[-1]}")
     same_device(op, x=x, **{name: w})
+
+
+_trusted = 0
+
+
+@contextmanager
+def trusted_indices() -> Iterator[None]:
+    """Inside, the host-side index checks are skipped: for indices that are in range by
+    construction (the MoE layer's expert ids from ``moe_route``, say)."""
+    global _trusted
+    _trusted += 1
+    try:
+        yield
+    finally:
+        _trusted -= 1
+
+
+def index_checks_on() -> bool:
+    """Whether ops check index inputs (position ids, group sizes, cu_seqlens, page tables, expert
+    ids) against their bounds on the host. Those checks read device values, a sync, so they run
+    only with ``KERNFORGE_CHECK_INDICES=1`` and never inside :func:`trusted_indices`, while
+    torch.compile traces, or while a CUDA graph is captured (where a sync is not allowed)."""
+    if not config.settings.check_indices or _trusted or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

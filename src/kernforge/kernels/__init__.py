@@ -1,3 +1,16 @@
 """The catalog's kernel families. Importing this package registers every implementation."""
 
-from . import glu, layer_norm, linear, rms_norm, rope, softmax  # noqa: F401
+from . import (  # noqa: F401
+    attention,
+    decode,
+    fp8_gemm,
+    glu,
+    grouped_gemm,
+    layer_norm,
+    linear,
+    matmul,
+    moe,
+    rms_norm,
+    rope,
+    softmax,
+)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from .. import device
 
@@ -152,3 +153,16 @@ def row_launch(n: int, elem_bytes: int = 2, kernel: str = "") -> RowLaunch:
 def vector(w: torch.Tensor | None) -> torch.Tensor | None:
     """A per-feature parameter made contiguous (kernels index it with unit stride)."""
     return None if w is None else w.contiguous()
+
+
+@triton.jit
+def tile_order(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of output tile ``tile`` of a tiles_m x tiles_n GEMM grid, taken GROUP_M
+    row tiles at a time: the programs that run together share rows of A and columns of B, which
+    they then read from L2 instead of HBM (the GEMM kernels' grouped ordering)."""
+    in_group = GROUP_M * tiles_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % in_group) % size_m
+    pid_n = (tile % in_group) // size_m
+    return pid_m, pid_n
