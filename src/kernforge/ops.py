@@ -1,8 +1,11 @@
 """The public catalog ops. Each checks its inputs, then runs on the backend that dispatch picks.
 
-Every op takes float16, bfloat16 and float32 (float64 too, on the torch backend) of any leading
-shape, and is differentiable on every backend. Triton kernels compute in fp32 and return the
-input dtype.
+The norms, activations and rope take float16, bfloat16 and float32 (float64 too, on the torch
+backend) of any leading shape, and are differentiable on every backend. The GEMM, MoE and
+attention ops say in their docstrings which dtypes their kernels take (others run on torch) and
+which inputs get gradients. Kernels accumulate in fp32 and return the input dtype (fp8_matmul:
+``out_dtype``). Sections: norms and activations, rope, linear, GEMM, grouped GEMM, fp8 GEMM,
+mixture of experts, attention, decode attention.
 """
 
 from __future__ import annotations
@@ -209,7 +212,233 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     checks.same_device(op, x=x, weight=weight, bias=bias)
 
 
-# --- Mixture of experts (kernels/moe.py) -----------------------------------------------------
+# --- GEMM: matmul and bmm (kernels/matmul.py) -----------------------------------------------------
+
+
+MATMUL_ACTIVATIONS = (None, "relu", "gelu", "silu")
+
+
+@dispatch("matmul")
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+):
+    """``act(a @ b + bias) + residual`` with the epilogue fused into the GEMM.
+
+    a [..., M, K] (leading dimensions fold into M; a 1-D a is one row), b [K, N]; bias [N] or
+    None; activation None, "relu", "gelu" (the tanh approximation, as
+    ``F.gelu(approximate="tanh")``) or "silu"; residual of the output's shape [..., M, N] or
+    None. Returns [..., M, N] in a's dtype. The Triton GEMM takes float16 and bfloat16 (fp32
+    accumulation), any sizes and strides (transposed views are read in place); other dtypes
+    run on torch. Differentiable in a, b, bias and residual.
+    """
+    op = "matmul"
+    checks.tensor(op, "a", a)
+    checks.tensor(op, "b", b)
+    checks.floating(op, "a", a)
+    checks.floating(op, "b", b)
+    if b.dim() != 2:
+        raise ShapeError(
+            f"matmul: b must be 2-D [K, N], got shape {tuple(b.shape)}; for batches of "
+            "matrices use ops.bmm"
+        )
+    if a.shape[-1] != b.shape[0]:
+        raise ShapeError(
+            f"matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: a's last "
+            f"dimension K={a.shape[-1]} must equal b's first dimension {b.shape[0]} "
+            "(b is [K, N]; pass weight.t() for an nn.Linear weight [N, K])"
+        )
+    if activation not in MATMUL_ACTIVATIONS:
+        raise ArgumentError(
+            f"matmul: activation={activation!r}; use None, 'relu', 'gelu' (tanh) or 'silu'"
+        )
+    out_shape = (*a.shape[:-1], b.shape[1])
+    if bias is not None:
+        checks.tensor(op, "bias", bias)
+        checks.shape(op, "bias", bias, (b.shape[1],), "one value per output column N")
+    if residual is not None:
+        checks.tensor(op, "residual", residual)
+        checks.shape(op, "residual", residual, out_shape, "must match the output [..., M, N]")
+    checks.same_dtype(op, a=a, b=b, bias=bias, residual=residual)
+    checks.same_device(op, a=a, b=b, bias=bias, residual=residual)
+
+
+@dispatch("bmm")
+def bmm(a: torch.Tensor, b: torch.Tensor):
+    """Batched matrix product: a [B, M, K] @ b [B, K, N] -> [B, M, N] in a's dtype.
+
+    Any strides, including batch stride 0 (``w.expand(B, K, N)``: one matrix for every
+    batch). Float16/bfloat16 run on the Triton GEMM (fp32 accumulation). Differentiable.
+    """
+    op = "bmm"
+    checks.tensor(op, "a", a)
+    checks.tensor(op, "b", b)
+    checks.floating(op, "a", a)
+    checks.floating(op, "b", b)
+    if a.dim() != 3 or b.dim() != 3:
+        raise ShapeError(
+            f"bmm: a and b must be 3-D [B, M, K] and [B, K, N], got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}; for one matrix b use ops.matmul"
+        )
+    if a.shape[0] != b.shape[0]:
+        raise ShapeError(
+            f"bmm: batch sizes differ: a {tuple(a.shape)} and b {tuple(b.shape)}; expand the "
+            "shared operand (b.expand(B, K, N) reads one copy)"
+        )
+    if a.shape[2] != b.shape[1]:
+        raise ShapeError(
+            f"bmm: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: a's K={a.shape[2]} "
+            f"must equal b's {b.shape[1]}"
+        )
+    checks.same_dtype(op, a=a, b=b)
+    checks.same_device(op, a=a, b=b)
+
+
+# --- grouped GEMM (kernels/grouped_gemm.py) -------------------------------------------------------
+
+
+@dispatch("grouped_gemm")
+def grouped_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_sizes: torch.Tensor,
+    bias: torch.Tensor | None = None,
+):
+    """Grouped GEMM (mixture-of-experts experts): ``y[rows of g] = x[rows of g] @ weight[g].T
+    + bias[g]`` for every group, in one kernel launch.
+
+    x [T, K] (bfloat16 or float16 on the Triton kernel; rows sorted by group); weight [G, N, K]
+    (per-group ``nn.Linear`` layout, any strides: a [G, K, N] tensor passed as
+    ``.transpose(1, 2)`` is read in place); group_sizes [G] int32/int64 on x's device, summing
+    to T (groups may be empty); bias [G, N] or None. Returns y [T, N] in x's dtype;
+    differentiable in x, weight and bias. The sum of group_sizes is checked on the host when
+    ``KERNFORGE_CHECK_INDICES=1`` (a device sync; skipped inside CUDA-graph capture and
+    torch.compile).
+    """
+    op = "grouped_gemm"
+    checks.tensor(op, "x", x)
+    checks.tensor(op, "weight", weight)
+    checks.tensor(op, "group_sizes", group_sizes)
+    checks.floating(op, "x", x)
+    if x.dim() != 2:
+        raise ShapeError(f"grouped_gemm: x must be 2-D [tokens, K], got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ShapeError(
+            f"grouped_gemm: weight must be 3-D [groups, N, K], got shape {tuple(weight.shape)}"
+        )
+    g, n, k = weight.shape
+    if k != x.shape[1]:
+        raise ShapeError(
+            f"grouped_gemm: x's K={x.shape[1]} (x {tuple(x.shape)}) must equal weight's last "
+            f"size {k} (weight {tuple(weight.shape)} is [groups, N, K]); pass a [G, K, N] "
+            "weight as weight.transpose(1, 2)"
+        )
+    if group_sizes.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(
+            f"grouped_gemm: group_sizes must be int32 or int64, got {group_sizes.dtype}"
+        )
+    checks.shape(op, "group_sizes", group_sizes, (g,), "one row count per group of weight")
+    if bias is not None:
+        checks.tensor(op, "bias", bias)
+        checks.shape(op, "bias", bias, (g, n), "one bias row per group")
+    checks.same_dtype(op, x=x, weight=weight, bias=bias)
+    checks.same_device(op, x=x, weight=weight, group_sizes=group_sizes, bias=bias)
+    if checks.index_checks_on():
+        stats = torch.stack([group_sizes.min(), group_sizes.sum()]) if g else torch.zeros(2)
+        lo, total = (int(v) for v in stats.tolist())
+        if lo < 0 or total != x.shape[0]:
+            raise ShapeError(
+                f"grouped_gemm: group_sizes must be >= 0 and sum to x's {x.shape[0]} rows, got "
+                f"min {lo} and sum {total} (set KERNFORGE_CHECK_INDICES=0 to skip this check, "
+                "which syncs the device)"
+            )
+
+
+# --- fp8 GEMM (kernels/fp8_gemm.py) ---------------------------------------------------------------
+
+
+def _fp8_scale(op: str, name: str, s: torch.Tensor, vector_shapes: tuple, per: str) -> None:
+    checks.tensor(op, name, s, min_dim=0)
+    if s.dtype != torch.float32:
+        raise DTypeError(f"{op}: {name} must be float32, got {s.dtype}")
+    if tuple(s.shape) not in ((), (1,), *vector_shapes):
+        shapes = " or ".join(str(list(v)) for v in vector_shapes)
+        raise ShapeError(
+            f"{op}: {name} has shape {list(s.shape)}; expected [] or [1] (one scale for the "
+            f"tensor) or {shapes} (one per {per})"
+        )
+
+
+@dispatch("fp8_matmul")
+def fp8_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+):
+    """fp8 (e4m3) GEMM: ``(a.float() * scale_a) @ (b.float() * scale_b) + bias`` in
+    ``out_dtype`` (bfloat16, float16 or float32), accumulated in fp32.
+
+    a [M, K] and b [K, N] in ``torch.float8_e4m3fn`` (see :func:`quantize_fp8`); scale_a is
+    one fp32 scale (a 0-d or [1] tensor) or one per row of a ([M]); scale_b one, or one per
+    column of b ([N]); bias [N] or None. The kernel wants a row-major and b as ``w.t()`` of an
+    [N, K] fp8 weight (strides (1, K)); other layouts are copied first. Runs on Hopper (sm_90)
+    only; elsewhere dispatch falls back to the torch reference (dequantize, multiply) with a
+    warning, or raises UnsupportedError under KERNFORGE_DISABLE_FALLBACK=1. Forward only: no
+    gradient.
+    """
+    op = "fp8_matmul"
+    checks.tensor(op, "a", a)
+    checks.tensor(op, "b", b)
+    if a.dim() != 2 or b.dim() != 2:
+        raise ShapeError(
+            f"fp8_matmul: a and b must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != torch.float8_e4m3fn:
+            raise DTypeError(
+                f"fp8_matmul: {name} must be torch.float8_e4m3fn, got {t.dtype}; quantize it "
+                "with ops.quantize_fp8(x, axis) (which also returns its scale)"
+            )
+    m, k = a.shape
+    if b.shape[0] != k:
+        raise ShapeError(
+            f"fp8_matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: a's K={k} "
+            f"must equal b's first size {b.shape[0]} (b is [K, N]; for an [N, K] weight w pass "
+            "w.t())"
+        )
+    n = b.shape[1]
+    _fp8_scale(op, "scale_a", scale_a, ((m,), (m, 1)), "row of a")
+    _fp8_scale(op, "scale_b", scale_b, ((n,), (1, n)), "column of b")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ArgumentError(
+            f"fp8_matmul: out_dtype={out_dtype}; use torch.bfloat16, torch.float16 or torch.float32"
+        )
+    if bias is not None:
+        checks.tensor(op, "bias", bias)
+        checks.floating(op, "bias", bias)
+        checks.shape(op, "bias", bias, (n,), "one value per output column")
+    checks.same_device(op, a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
+
+
+def quantize_fp8(x: torch.Tensor, axis: int | None = None):
+    """``(x_fp8, scale)`` with ``x ≈ x_fp8.float() * scale``, for :func:`fp8_matmul`.
+
+    ``axis=None``: one fp32 scale (0-d); ``axis=1``: one per row of a 2-D x ([M], for a);
+    ``axis=0``: one per column ([N], for b). ``scale = amax / 448`` (e4m3's largest value).
+    x_fp8 keeps x's strides. Not differentiable.
+    """
+    from .kernels.fp8_gemm import quantize_fp8 as _quantize
+
+    return _quantize(x, axis)
+
+
+# --- Mixture of experts (kernels/moe.py) ----------------------------------------------------------
 
 _MOE_INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -330,89 +559,65 @@ def moe_unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Te
     _moe_range(op, "order", order, n, "rows of y_sorted")
 
 
-MATMUL_ACTIVATIONS = (None, "relu", "gelu", "silu")
+# --- attention: fmha and fmha_varlen (kernels/attention.py) ---------------------------------------
 
 
-@dispatch("matmul")
-def matmul(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
+@dispatch("fmha")
+def fmha(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
 ):
-    """``act(a @ b + bias) + residual`` with the epilogue fused into the GEMM.
+    """Flash attention: ``softmax(q k^T * scale) v`` per head, forward and backward.
 
-    a [..., M, K] (leading dimensions fold into M; a 1-D a is one row), b [K, N]; bias [N] or
-    None; activation None, "relu", "gelu" (the tanh approximation, as
-    ``F.gelu(approximate="tanh")``) or "silu"; residual of the output's shape [..., M, N] or
-    None. Returns [..., M, N] in a's dtype. The Triton GEMM takes float16 and bfloat16 (fp32
-    accumulation), any sizes and strides (transposed views are read in place); other dtypes
-    run on torch. Differentiable in a, b, bias and residual.
+    q [B, Sq, Hq, D] and k, v [B, Sk, Hk, D] (``layout="bshd"``) or [B, H, S, D] (``"bhsd"``);
+    Hk must divide Hq (GQA/MQA: q head h reads kv head h // (Hq // Hk)). ``scale`` defaults to
+    1/sqrt(D). ``causal``: query i sees keys j <= i + Sk - Sq (bottom-right, FlashAttention 2).
+    ``window``: (left, right) keys around that diagonal, or an int left; -1 is unbounded.
+    ``softcap``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2). Returns out in q's
+    layout and dtype, plus lse [B, Hq, Sq] fp32 (natural log; +inf for a row that sees no key)
+    with ``return_lse``. Triton on fp16/bf16 with D a multiple of 8 up to 256.
     """
-    op = "matmul"
-    checks.tensor(op, "a", a)
-    checks.tensor(op, "b", b)
-    checks.floating(op, "a", a)
-    checks.floating(op, "b", b)
-    if b.dim() != 2:
-        raise ShapeError(
-            f"matmul: b must be 2-D [K, N], got shape {tuple(b.shape)}; for batches of "
-            "matrices use ops.bmm"
-        )
-    if a.shape[-1] != b.shape[0]:
-        raise ShapeError(
-            f"matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: a's last "
-            f"dimension K={a.shape[-1]} must equal b's first dimension {b.shape[0]} "
-            "(b is [K, N]; pass weight.t() for an nn.Linear weight [N, K])"
-        )
-    if activation not in MATMUL_ACTIVATIONS:
-        raise ArgumentError(
-            f"matmul: activation={activation!r}; use None, 'relu', 'gelu' (tanh) or 'silu'"
-        )
-    out_shape = (*a.shape[:-1], b.shape[1])
-    if bias is not None:
-        checks.tensor(op, "bias", bias)
-        checks.shape(op, "bias", bias, (b.shape[1],), "one value per output column N")
-    if residual is not None:
-        checks.tensor(op, "residual", residual)
-        checks.shape(op, "residual", residual, out_shape, "must match the output [..., M, N]")
-    checks.same_dtype(op, a=a, b=b, bias=bias, residual=residual)
-    checks.same_device(op, a=a, b=b, bias=bias, residual=residual)
+    from .kernels.attention import check_fmha
+
+    check_fmha(q, k, v, causal, scale, window, softcap, layout, return_lse)
 
 
-@dispatch("bmm")
-def bmm(a: torch.Tensor, b: torch.Tensor):
-    """Batched matrix product: a [B, M, K] @ b [B, K, N] -> [B, M, N] in a's dtype.
+@dispatch("fmha_varlen")
+def fmha_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+):
+    """Flash attention over packed variable-length sequences (no padding).
 
-    Any strides, including batch stride 0 (``w.expand(B, K, N)``: one matrix for every
-    batch). Float16/bfloat16 run on the Triton GEMM (fp32 accumulation). Differentiable.
+    q [Tq, Hq, D], k/v [Tk, Hk, D]; sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of
+    q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v (int32 [B+1], starting at 0; empty
+    sequences allowed). ``max_seqlen_*``: the longest sequence. Masks, scale and softcap as in
+    :func:`fmha`; lse is [Hq, Tq]. Forward and backward.
     """
-    op = "bmm"
-    checks.tensor(op, "a", a)
-    checks.tensor(op, "b", b)
-    checks.floating(op, "a", a)
-    checks.floating(op, "b", b)
-    if a.dim() != 3 or b.dim() != 3:
-        raise ShapeError(
-            f"bmm: a and b must be 3-D [B, M, K] and [B, K, N], got {tuple(a.shape)} and "
-            f"{tuple(b.shape)}; for one matrix b use ops.matmul"
-        )
-    if a.shape[0] != b.shape[0]:
-        raise ShapeError(
-            f"bmm: batch sizes differ: a {tuple(a.shape)} and b {tuple(b.shape)}; expand the "
-            "shared operand (b.expand(B, K, N) reads one copy)"
-        )
-    if a.shape[2] != b.shape[1]:
-        raise ShapeError(
-            f"bmm: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: a's K={a.shape[2]} "
-            f"must equal b's {b.shape[1]}"
-        )
-    checks.same_dtype(op, a=a, b=b)
-    checks.same_device(op, a=a, b=b)
+    from .kernels.attention import check_fmha_varlen
+
+    check_fmha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                      scale, window, softcap, return_lse)  # fmt: skip
 
 
-# --- decode attention over a KV cache (kernels/decode.py) ---------------------------------------
+# --- decode attention over a KV cache (kernels/decode.py) -----------------------------------------
 
 
 @dispatch("fmha_decode")
@@ -493,199 +698,3 @@ def mla_decode(
 
     decode.check_mla_decode(q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens, block_table,
                             scale)  # fmt: skip
-
-
-# --- grouped GEMM (kernels/grouped_gemm.py) --------------------------------------------------
-
-
-@dispatch("grouped_gemm")
-def grouped_gemm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    group_sizes: torch.Tensor,
-    bias: torch.Tensor | None = None,
-):
-    """Grouped GEMM (mixture-of-experts experts): ``y[rows of g] = x[rows of g] @ weight[g].T
-    + bias[g]`` for every group, in one kernel launch.
-
-    x [T, K] (bfloat16 or float16 on the Triton kernel; rows sorted by group); weight [G, N, K]
-    (per-group ``nn.Linear`` layout, any strides: a [G, K, N] tensor passed as
-    ``.transpose(1, 2)`` is read in place); group_sizes [G] int32/int64 on x's device, summing
-    to T (groups may be empty); bias [G, N] or None. Returns y [T, N] in x's dtype;
-    differentiable in x, weight and bias. The sum of group_sizes is checked on the host when
-    ``KERNFORGE_CHECK_INDICES=1`` (a device sync; skipped inside CUDA-graph capture and
-    torch.compile).
-    """
-    op = "grouped_gemm"
-    checks.tensor(op, "x", x)
-    checks.tensor(op, "weight", weight)
-    checks.tensor(op, "group_sizes", group_sizes)
-    checks.floating(op, "x", x)
-    if x.dim() != 2:
-        raise ShapeError(f"grouped_gemm: x must be 2-D [tokens, K], got shape {tuple(x.shape)}")
-    if weight.dim() != 3:
-        raise ShapeError(
-            f"grouped_gemm: weight must be 3-D [groups, N, K], got shape {tuple(weight.shape)}"
-        )
-    g, n, k = weight.shape
-    if k != x.shape[1]:
-        raise ShapeError(
-            f"grouped_gemm: x's K={x.shape[1]} (x {tuple(x.shape)}) must equal weight's last "
-            f"size {k} (weight {tuple(weight.shape)} is [groups, N, K]); pass a [G, K, N] "
-            "weight as weight.transpose(1, 2)"
-        )
-    if group_sizes.dtype not in (torch.int32, torch.int64):
-        raise DTypeError(
-            f"grouped_gemm: group_sizes must be int32 or int64, got {group_sizes.dtype}"
-        )
-    checks.shape(op, "group_sizes", group_sizes, (g,), "one row count per group of weight")
-    if bias is not None:
-        checks.tensor(op, "bias", bias)
-        checks.shape(op, "bias", bias, (g, n), "one bias row per group")
-    checks.same_dtype(op, x=x, weight=weight, bias=bias)
-    checks.same_device(op, x=x, weight=weight, group_sizes=group_sizes, bias=bias)
-    if checks.index_checks_on():
-        stats = torch.stack([group_sizes.min(), group_sizes.sum()]) if g else torch.zeros(2)
-        lo, total = (int(v) for v in stats.tolist())
-        if lo < 0 or total != x.shape[0]:
-            raise ShapeError(
-                f"grouped_gemm: group_sizes must be >= 0 and sum to x's {x.shape[0]} rows, got "
-                f"min {lo} and sum {total} (set KERNFORGE_CHECK_INDICES=0 to skip this check, "
-                "which syncs the device)"
-            )
-
-
-# --- fp8 GEMM (kernels/fp8_gemm.py) ----------------------------------------------------------
-
-
-def _fp8_scale(op: str, name: str, s: torch.Tensor, vector_shapes: tuple, per: str) -> None:
-    checks.tensor(op, name, s, min_dim=0)
-    if s.dtype != torch.float32:
-        raise DTypeError(f"{op}: {name} must be float32, got {s.dtype}")
-    if tuple(s.shape) not in ((), (1,), *vector_shapes):
-        shapes = " or ".join(str(list(v)) for v in vector_shapes)
-        raise ShapeError(
-            f"{op}: {name} has shape {list(s.shape)}; expected [] or [1] (one scale for the "
-            f"tensor) or {shapes} (one per {per})"
-        )
-
-
-@dispatch("fp8_matmul")
-def fp8_matmul(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale_a: torch.Tensor,
-    scale_b: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-):
-    """fp8 (e4m3) GEMM: ``(a.float() * scale_a) @ (b.float() * scale_b) + bias`` in
-    ``out_dtype`` (bfloat16, float16 or float32), accumulated in fp32.
-
-    a [M, K] and b [K, N] in ``torch.float8_e4m3fn`` (see :func:`quantize_fp8`); scale_a is
-    one fp32 scale (a 0-d or [1] tensor) or one per row of a ([M]); scale_b one, or one per
-    column of b ([N]); bias [N] or None. The kernel wants a row-major and b as ``w.t()`` of an
-    [N, K] fp8 weight (strides (1, K)); other layouts are copied first. Runs on Hopper (sm_90)
-    only; elsewhere dispatch falls back to the torch reference (dequantize, multiply) with a
-    warning, or raises UnsupportedError under KERNFORGE_DISABLE_FALLBACK=1. Forward only: no
-    gradient.
-    """
-    op = "fp8_matmul"
-    checks.tensor(op, "a", a)
-    checks.tensor(op, "b", b)
-    if a.dim() != 2 or b.dim() != 2:
-        raise ShapeError(
-            f"fp8_matmul: a and b must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    for name, t in (("a", a), ("b", b)):
-        if t.dtype != torch.float8_e4m3fn:
-            raise DTypeError(
-                f"fp8_matmul: {name} must be torch.float8_e4m3fn, got {t.dtype}; quantize it "
-                "with ops.quantize_fp8(x, axis) (which also returns its scale)"
-            )
-    m, k = a.shape
-    if b.shape[0] != k:
-        raise ShapeError(
-            f"fp8_matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: a's K={k} "
-            f"must equal b's first size {b.shape[0]} (b is [K, N]; for an [N, K] weight w pass "
-            "w.t())"
-        )
-    n = b.shape[1]
-    _fp8_scale(op, "scale_a", scale_a, ((m,), (m, 1)), "row of a")
-    _fp8_scale(op, "scale_b", scale_b, ((n,), (1, n)), "column of b")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ArgumentError(
-            f"fp8_matmul: out_dtype={out_dtype}; use torch.bfloat16, torch.float16 or torch.float32"
-        )
-    if bias is not None:
-        checks.tensor(op, "bias", bias)
-        checks.floating(op, "bias", bias)
-        checks.shape(op, "bias", bias, (n,), "one value per output column")
-    checks.same_device(op, a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
-
-
-def quantize_fp8(x: torch.Tensor, axis: int | None = None):
-    """``(x_fp8, scale)`` with ``x ≈ x_fp8.float() * scale``, for :func:`fp8_matmul`.
-
-    ``axis=None``: one fp32 scale (0-d); ``axis=1``: one per row of a 2-D x ([M], for a);
-    ``axis=0``: one per column ([N], for b). ``scale = amax / 448`` (e4m3's largest value).
-    x_fp8 keeps x's strides. Not differentiable.
-    """
-    from .kernels.fp8_gemm import quantize_fp8 as _quantize
-
-    return _quantize(x, axis)
-
-
-@dispatch("fmha")
-def fmha(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = False,
-    scale: float | None = None,
-    window: int | tuple[int, int] | None = None,
-    softcap: float | None = None,
-    layout: str = "bshd",
-    return_lse: bool = False,
-):
-    """Flash attention: ``softmax(q k^T * scale) v`` per head, forward and backward.
-
-    q [B, Sq, Hq, D] and k, v [B, Sk, Hk, D] (``layout="bshd"``) or [B, H, S, D] (``"bhsd"``);
-    Hk must divide Hq (GQA/MQA: q head h reads kv head h // (Hq // Hk)). ``scale`` defaults to
-    1/sqrt(D). ``causal``: query i sees keys j <= i + Sk - Sq (bottom-right, FlashAttention 2).
-    ``window``: (left, right) keys around that diagonal, or an int left; -1 is unbounded.
-    ``softcap``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2). Returns out in q's
-    layout and dtype, plus lse [B, Hq, Sq] fp32 (natural log; +inf for a row that sees no key)
-    with ``return_lse``. Triton on fp16/bf16 with D a multiple of 8 up to 256.
-    """
-    from .kernels.attention import check_fmha
-
-    check_fmha(q, k, v, causal, scale, window, softcap, layout, return_lse)
-
-
-@dispatch("fmha_varlen")
-def fmha_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool = False,
-    scale: float | None = None,
-    window: int | tuple[int, int] | None = None,
-    softcap: float | None = None,
-    return_lse: bool = False,
-):
-    """Flash attention over packed variable-length sequences (no padding).
-
-    q [Tq, Hq, D], k/v [Tk, Hk, D]; sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of
-    q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v (int32 [B+1], starting at 0; empty
-    sequences allowed). ``max_seqlen_*``: the longest sequence. Masks, scale and softcap as in
-    :func:`fmha`; lse is [Hq, Tq]. Forward and backward.
-    """
-    from .kernels.attention import check_fmha_varlen
-
-    check_fmha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                      scale, window, softcap, return_lse)  # fmt: skip
