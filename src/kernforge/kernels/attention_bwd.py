@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, key_range, scores
+from .attention_fwd import LOG2E, key_range, scores, seq_span
 
 
 @triton.jit
@@ -56,12 +56,7 @@ def fmha_bwd_delta_kernel(
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
+    q_start, seqlen_q = seq_span(CU_Q, b, SEQ_Q, IS_VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = (q_start + offs_m).to(tl.int64)[:, None]
@@ -146,16 +141,8 @@ def fmha_bwd_dkdv_kernel(
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
-        k_start = 0
-        seqlen_k = SEQ_K
+    q_start, seqlen_q = seq_span(CU_Q, b, SEQ_Q, IS_VARLEN)
+    k_start, seqlen_k = seq_span(CU_K, b, SEQ_K, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if IS_VARLEN:  # noqa: SIM102  (constexpr, then a run-time test)
         if n0 >= seqlen_k:
@@ -298,16 +285,8 @@ def fmha_bwd_dq_kernel(
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
-        k_start = 0
-        seqlen_k = SEQ_K
+    q_start, seqlen_q = seq_span(CU_Q, b, SEQ_Q, IS_VARLEN)
+    k_start, seqlen_k = seq_span(CU_K, b, SEQ_K, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if IS_VARLEN:  # noqa: SIM102  (constexpr, then a run-time test)
         if m0 >= seqlen_q:

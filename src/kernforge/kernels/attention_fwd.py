@@ -67,6 +67,19 @@ def keep_mask(offs_q, offs_k, seqlen_q, seqlen_k, diag, LEFT, RIGHT,
 
 
 @triton.jit
+def seq_span(CU, b, SEQ, IS_VARLEN: tl.constexpr):
+    """``(start, length)`` of sequence ``b``: read from the cu_seqlens ``CU`` of a packed
+    (varlen) batch, else row ``b`` of a dense batch of SEQ tokens (start 0)."""
+    if IS_VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        length = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    else:
+        start = 0
+        length = SEQ
+    return start, length
+
+
+@triton.jit
 def key_range(m0, seqlen_q, seqlen_k, diag, LEFT, RIGHT,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
@@ -188,16 +201,8 @@ def fmha_fwd_kernel(
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
-        k_start = 0
-        seqlen_k = SEQ_K
+    q_start, seqlen_q = seq_span(CU_Q, b, SEQ_Q, IS_VARLEN)
+    k_start, seqlen_k = seq_span(CU_K, b, SEQ_K, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     # Dense grids hold only real blocks. Past a packed sequence's end a program exits, except
     # under warp specialization (Triton 3.6 rejects the exit there): it runs no key block.

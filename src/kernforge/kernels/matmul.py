@@ -166,6 +166,28 @@ def _tma_tile(desc, bid, off_0, off_1, B0: tl.constexpr, B1: tl.constexpr,
 
 
 @triton.jit
+def _tma_step(acc, a_desc, b_desc, a_batch, b_batch, off_m, off_n, off_k,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, A_T: tl.constexpr,
+              B_T: tl.constexpr, BATCHED: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """``acc + a[off_m:, off_k:] @ b[off_k:, off_n:]`` for one K step of the TMA kernel: the
+    tiles are loaded through the descriptors (transposed operands are read in their stored
+    layout and transposed in registers); UPCAST multiplies in fp32 (the interpreter)."""
+    if A_T:
+        a = _tma_tile(a_desc, a_batch, off_k, off_m, BK, BM, BATCHED).T
+    else:
+        a = _tma_tile(a_desc, a_batch, off_m, off_k, BM, BK, BATCHED)
+    if B_T:
+        b = _tma_tile(b_desc, b_batch, off_n, off_k, BN, BK, BATCHED).T
+    else:
+        b = _tma_tile(b_desc, b_batch, off_k, off_n, BK, BN, BATCHED)
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _halves(x, BM: tl.constexpr, W: tl.constexpr):
     """A [BM, W] tile as its left and right [BM, W/2] halves (a register shuffle)."""
     return tl.split(tl.permute(tl.reshape(x, (BM, 2, W // 2)), (0, 2, 1)))
@@ -265,19 +287,8 @@ def _mm_tma_kernel(
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for kk in range(0, n_k):
                 off_k = (k_lo + kk) * BK
-                if A_T:
-                    a = _tma_tile(a_desc, bid * a_bmul, off_k, off_m, BK, BM, BATCHED).T
-                else:
-                    a = _tma_tile(a_desc, bid * a_bmul, off_m, off_k, BM, BK, BATCHED)
-                if B_T:
-                    b = _tma_tile(b_desc, bid * b_bmul, off_n, off_k, BN, BK, BATCHED).T
-                else:
-                    b = _tma_tile(b_desc, bid * b_bmul, off_k, off_n, BK, BN, BATCHED)
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc,
-                                 input_precision="ieee")  # fmt: skip
-                else:
-                    acc = tl.dot(a, b, acc)
+                acc = _tma_step(acc, a_desc, b_desc, bid * a_bmul, bid * b_bmul, off_m, off_n,
+                                off_k, BM, BN, BK, A_T, B_T, BATCHED, UPCAST)  # fmt: skip
             if live:
                 if (k_lo == 0) & (k_hi == k_tiles):
                     _finish(acc, bid, off_m, off_n, M, N, c, z, bias_ptr, r_ptr, stride_rm,
@@ -322,19 +333,8 @@ def _mm_tma_kernel(
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for ki in range(k_tiles):
                 off_k = ki * BK
-                if A_T:
-                    a = _tma_tile(a_desc, bid * a_bmul, off_k, off_m, BK, BM, BATCHED).T
-                else:
-                    a = _tma_tile(a_desc, bid * a_bmul, off_m, off_k, BM, BK, BATCHED)
-                if B_T:
-                    b = _tma_tile(b_desc, bid * b_bmul, off_n, off_k, BN, BK, BATCHED).T
-                else:
-                    b = _tma_tile(b_desc, bid * b_bmul, off_k, off_n, BK, BN, BATCHED)
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc,
-                                 input_precision="ieee")  # fmt: skip
-                else:
-                    acc = tl.dot(a, b, acc)
+                acc = _tma_step(acc, a_desc, b_desc, bid * a_bmul, bid * b_bmul, off_m, off_n,
+                                off_k, BM, BN, BK, A_T, B_T, BATCHED, UPCAST)  # fmt: skip
             tile_c += NUM_SMS
             bid_c = tile_c // per_batch
             pid_m, pid_n = tile_order(tile_c - bid_c * per_batch, tiles_m, tiles_n, GROUP_M)
