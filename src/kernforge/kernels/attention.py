@@ -212,16 +212,8 @@ def _check_qkv(op: str, q, k, v, rank: int, what: str) -> None:
             raise ShapeError(f"{op}: {name} must be {rank}-D {what}, got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise DTypeError(f"{op}: {name} has dtype {t.dtype}; expected float16 or bfloat16")
-    if len({q.dtype, k.dtype, v.dtype}) > 1:
-        raise DTypeError(
-            f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}. Cast them."
-        )
-    if len({q.device, k.device, v.device}) > 1:
-        from ..errors import DeviceError
-
-        raise DeviceError(
-            f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
-        )
+    checks.same_dtype(op, q=q, k=k, v=v)
+    checks.same_device(op, q=q, k=k, v=v)
     if k.shape != v.shape:
         raise ShapeError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
     d = q.shape[-1]

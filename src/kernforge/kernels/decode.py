@@ -46,7 +46,7 @@ import triton.language as tl
 
 from .. import checks, device, tune
 from ..dispatch import register_impl
-from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from ..errors import ArgumentError, DTypeError, ShapeError
 from .common import new_output, op_call, triton_reason, upcast
 
 LOG2E = 1.4426950408889634
@@ -508,15 +508,6 @@ def _same(op: str, what: str, **tensors: torch.Tensor | None) -> None:
         raise DTypeError(f"{op}: {what} must share one dtype, got {listed}. Cast them to match.")
 
 
-def _same_device(op: str, **tensors: torch.Tensor | None) -> None:
-    given = {k: v.device for k, v in tensors.items() if v is not None}
-    if len(set(given.values())) > 1:
-        listed = ", ".join(f"{k} on {v}" for k, v in given.items())
-        raise DeviceError(
-            f"{op}: inputs must be on one device, got {listed}. Move them with .to()."
-        )
-
-
 def _index_tensor(op: str, name: str, x, shape: tuple[int, ...], what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -644,7 +635,7 @@ def check_fmha_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, so
     _check_block_table(op, block_table, bsz, k_cache)
     _cache_batch(op, "k_cache", k_cache, bsz, paged)
     _index_tensor(op, "cache_seqlens", cache_seqlens, (bsz,), "keys per sequence, new included")
-    _same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+    checks.same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
                  block_table=block_table)  # fmt: skip
     _check_scalars(op, scale, softcap)
     normalize_window(op, window)
@@ -679,7 +670,7 @@ def check_append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table) 
     _check_block_table(op, block_table, bsz, k_cache)
     _cache_batch(op, "k_cache", k_cache, bsz, paged)
     _index_tensor(op, "cache_seqlens", cache_seqlens, (bsz,), "positions to write at")
-    _same_device(op, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache,
+    checks.same_device(op, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache,
                  cache_seqlens=cache_seqlens, block_table=block_table)  # fmt: skip
     if checks.index_checks_on():
         _check_cache_indices(op, k_cache, cache_seqlens, block_table, extra=k_new.shape[1])
@@ -719,7 +710,7 @@ def check_mla_decode(q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens, block_
     _check_block_table(op, block_table, bsz, ckv_cache)
     _cache_batch(op, "ckv_cache", ckv_cache, bsz, paged)
     _index_tensor(op, "cache_seqlens", cache_seqlens, (bsz,), "keys per sequence, new included")
-    _same_device(op, q_nope=q_nope, q_rope=q_rope, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
+    checks.same_device(op, q_nope=q_nope, q_rope=q_rope, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
                  cache_seqlens=cache_seqlens, block_table=block_table)  # fmt: skip
     _check_scalars(op, scale, None)
     if checks.index_checks_on():
