@@ -150,6 +150,32 @@ def row_launch(n: int, elem_bytes: int = 2, kernel: str = "") -> RowLaunch:
     return RowLaunch(block_m, block_n, num_warps)
 
 
+#: Arrival counters of kernels whose last block (or program) to finish a tile does the final
+#: reduction: one zeroed int32 buffer per (device, stream). Each kernel resets the counters it
+#: used, so the buffer is zero again for the next launch in stream order (kernels of one
+#: stream share it safely).
+_arrival: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def arrival_counters(dev: torch.device, count: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least ``count`` counters for the current stream of ``dev``
+    (see :data:`_arrival`); None when a larger one would have to be allocated during CUDA-graph
+    capture (the caller then runs without a cross-block reduction)."""
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        key = (f"cuda:{index}", torch.cuda.current_stream(index).cuda_stream)
+    else:
+        key = (str(dev), 0)
+    buf = _arrival.get(key)
+    if buf is not None and buf.numel() >= count:
+        return buf
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None  # no allocation inside a graph capture
+    buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=dev)
+    _arrival[key] = buf
+    return buf
+
+
 def vector(w: torch.Tensor | None) -> torch.Tensor | None:
     """A per-feature parameter made contiguous (kernels index it with unit stride)."""
     return None if w is None else w.contiguous()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import cuda as kcuda
 from .. import device
 from ..dispatch import register_impl
-from .common import new_output, op_call
+from .common import arrival_counters, new_output, op_call
 
 #: Most rows of x (the product of its leading dimensions) the GEMV takes; more go to torch.
 MAX_M = 16
@@ -403,24 +403,6 @@ def plan(m: int, n: int, k: int, sms: int, cfg: GemvConfig | None = None,
     return GemvPlan(cfg, mt, splits, kc, (n_blocks, splits))
 
 
-# Split-K arrival counters, one zeroed int32 buffer per (device, stream): the kernel's last
-# block resets its counter, so the buffer stays zero between launches in stream order.
-_counters: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _counter_buffer(dev: torch.device, blocks: int) -> torch.Tensor | None:
-    stream = torch.cuda.current_stream(dev)
-    key = (dev.index if dev.index is not None else torch.cuda.current_device(), stream.cuda_stream)
-    buf = _counters.get(key)
-    if buf is not None and buf.numel() >= blocks:
-        return buf
-    if torch.cuda.is_current_stream_capturing():
-        return None  # no allocation inside a graph capture: run without split-K instead
-    buf = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=dev)
-    _counters[key] = buf
-    return buf
-
-
 def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          out: torch.Tensor, p: GemvPlan | None = None) -> None:  # fmt: skip
     """Launch the GEMV: ``out[M, N] = x2[M, K] @ weight[N, K].T (+ bias)``, all contiguous."""
@@ -429,7 +411,7 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     p = p or plan(m, n, k, device.num_sms(x2.device.index or 0))
     counters = partial = None
     if p.splits > 1:
-        counters = _counter_buffer(x2.device, p.grid[0])
+        counters = arrival_counters(x2.device, p.grid[0])
         if counters is None:
             p = plan(m, n, k, 1, p.config, splits=1)
         else:

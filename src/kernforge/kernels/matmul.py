@@ -40,7 +40,7 @@ from triton.runtime.errors import OutOfResources
 
 from .. import device, tune
 from ..dispatch import register_impl
-from .common import new_output, op_call, tile_order, triton_reason
+from .common import arrival_counters, new_output, op_call, tile_order, triton_reason
 
 #: The ACT constexpr of the kernels, by activation name (None: no activation).
 ACTIVATIONS: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -647,7 +647,7 @@ def launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tens
         ws = cnt = None
         parts = segs = 1
         if split > 1:
-            cnt = _counters(a.device, tiles)
+            cnt = arrival_counters(a.device, tiles)
             if cnt is not None:  # None: inside a graph capture with no counters yet
                 progs = min(sms, tiles * split)
                 # Most programs sharing one tile: its K tiles over the shortest range, + 1;
@@ -702,25 +702,6 @@ def _pick(kind, m, n, k, ao, bo, batch, epi, run) -> MatmulConfig:
     # The tuner times each config as CUDA-graph replays of ``run`` (kernforge.tune): an eager
     # launch costs ~100 us of host time here, as long as a whole GEMM of a few hundred rows.
     return TUNERS[(kind, cls)].pick(key, run, default)
-
-
-# Stream-K arrival counters, one zeroed int32 buffer per (device, stream): the kernel's last
-# unit of each tile resets its counter, so the buffer stays zero between launches in stream
-# order (the same scheme as the GEMV's, kernels/linear.py).
-_counter_buffers: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _counters(dev: torch.device, tiles: int) -> torch.Tensor | None:
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (str(dev), stream)
-    buf = _counter_buffers.get(key)
-    if buf is not None and buf.numel() >= tiles:
-        return buf
-    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None  # no allocation inside a graph capture
-    buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=dev)
-    _counter_buffers[key] = buf
-    return buf
 
 
 def _tma_ok(op: Operand, batch: int | None) -> bool:
