@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "torch.compile; writes JSON, Markdown and PNG results")  # fmt: skip
     bench.add_argument("families", nargs="*", help="families to run (default: all): "
                        "rms_norm layer_norm softmax glu rope; named only: gemv trace gemm "
-                       "attention")  # fmt: skip
+                       "attention losses")  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="one shape, forward only")
     bench.add_argument("--out", help="results folder (default: benchmarks/results on a GPU, "
                        "bench-out/cpu without one)")  # fmt: skip

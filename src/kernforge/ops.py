@@ -5,7 +5,7 @@ backend) of any leading shape, and are differentiable on every backend. The GEMM
 attention ops say in their docstrings which dtypes their kernels take (others run on torch) and
 which inputs get gradients. Kernels accumulate in fp32 and return the input dtype (fp8_matmul:
 ``out_dtype``). Sections: norms and activations, rope, linear, GEMM, grouped GEMM, fp8 GEMM,
-mixture of experts, attention, decode attention.
+mixture of experts, attention, decode attention, losses.
 """
 
 from __future__ import annotations
@@ -698,3 +698,122 @@ def mla_decode(
 
     decode.check_mla_decode(q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens, block_table,
                             scale)  # fmt: skip
+
+
+# --- losses (kernels/cross_entropy.py, kernels/fused_linear_ce.py) --------------------------------
+
+_TARGET_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_loss_args(op: str, target: torch.Tensor, rows: tuple, ignore_index: int,
+                     label_smoothing: float, z_loss: float, reduction: str) -> None:  # fmt: skip
+    """The target and the loss options shared by the two cross-entropy ops."""
+    checks.tensor(op, "target", target, min_dim=0)
+    if target.dtype not in _TARGET_DTYPES:
+        raise DTypeError(f"{op}: target must be int64 or int32 class ids, got {target.dtype}")
+    n = 1
+    for d in rows:
+        n *= d
+    if tuple(target.shape) != tuple(rows) and tuple(target.shape) != (n,):
+        raise ShapeError(
+            f"{op}: target has shape {tuple(target.shape)}; expected {tuple(rows)} (one class id "
+            f"per row of the input) or ({n},) flattened"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ArgumentError(f"{op}: ignore_index={ignore_index!r} must be an int")
+    if not isinstance(label_smoothing, int | float) or not 0.0 <= label_smoothing <= 1.0:
+        raise ArgumentError(f"{op}: label_smoothing={label_smoothing!r} must be in [0, 1]")
+    if not isinstance(z_loss, int | float) or not z_loss >= 0.0:
+        raise ArgumentError(f"{op}: z_loss={z_loss!r} must be a number >= 0 (0 turns it off)")
+    if reduction not in ("mean", "sum", "none"):
+        raise ArgumentError(f"{op}: reduction={reduction!r}; use 'mean', 'sum' or 'none'")
+
+
+def _target_range(op: str, target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """With KERNFORGE_CHECK_INDICES=1 (a device sync): targets are in [0, classes) or ignored."""
+    if not target.numel() or not checks.index_checks_on():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        first = int(target[bad][0])
+        raise ShapeError(
+            f"{op}: target holds class id {first}, outside [0, {classes}) and not "
+            f"ignore_index={ignore_index}; fix the labels (or set ignore_index to the padding "
+            "id). Set KERNFORGE_CHECK_INDICES=0 to skip this check, which syncs the device"
+        )
+
+
+@dispatch("cross_entropy")
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+):
+    """Cross-entropy of logits [..., V] against class ids ``target`` [...] (int64 or int32).
+
+    ``F.cross_entropy(logits.float(), target, ignore_index=..., label_smoothing=...,
+    reduction=...)`` plus ``z_loss * logsumexp(logits)**2`` per row (PaLM's z-loss). Rows whose
+    target is ``ignore_index`` count for nothing; "mean" divides by the other rows (none: 0.0,
+    not NaN), "sum" adds, "none" returns fp32 losses of target's shape (0 at ignored rows). The
+    loss is fp32; the Triton kernels never make an fp32 copy of the logits, and the gradient
+    comes back in the logits' dtype. Differentiable in the logits.
+    """
+    op = "cross_entropy"
+    checks.tensor(op, "logits", logits)
+    checks.floating(op, "logits", logits)
+    if logits.shape[-1] < 1:
+        raise ShapeError(f"cross_entropy: logits {tuple(logits.shape)} have no classes (V = 0)")
+    rows = tuple(logits.shape[:-1])
+    _check_loss_args(op, target, rows, ignore_index, label_smoothing, z_loss, reduction)
+    checks.same_device(op, logits=logits, target=target)
+    _target_range(op, target, logits.shape[-1], ignore_index)
+
+
+@dispatch("fused_linear_cross_entropy")
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+):
+    """:func:`cross_entropy` of ``hidden @ weight.T + bias`` without the [N, V] logits.
+
+    hidden [..., H] (N rows), weight [V, H] (an lm_head's layout), bias [V] or None, all of one
+    floating dtype; target, options and result as in :func:`cross_entropy`. The tokens go
+    ``chunk_size`` at a time (default: as many as keep a chunk's logits under 256 MB), so the
+    extra memory is one chunk of logits plus the gradients. Gradients flow to hidden, weight
+    and bias; for "mean" and "sum" they are computed during the forward (when grad is on).
+    """
+    op = "fused_linear_cross_entropy"
+    checks.tensor(op, "hidden", hidden)
+    checks.tensor(op, "weight", weight)
+    checks.floating(op, "hidden", hidden)
+    checks.floating(op, "weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ShapeError(
+            f"{op}: weight has shape {tuple(weight.shape)}; expected [V, H] with H = "
+            f"{hidden.shape[-1]}, hidden's last dimension {tuple(hidden.shape)} (an lm_head "
+            "weight, not its transpose)"
+        )
+    if weight.shape[0] < 1:
+        raise ShapeError(f"{op}: weight {tuple(weight.shape)} has no classes (V = 0)")
+    if bias is not None:
+        checks.tensor(op, "bias", bias)
+        checks.shape(op, "bias", bias, (weight.shape[0],), "one value per class")
+    checks.same_dtype(op, hidden=hidden, weight=weight, bias=bias)
+    rows = tuple(hidden.shape[:-1])
+    _check_loss_args(op, target, rows, ignore_index, label_smoothing, z_loss, reduction)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ArgumentError(f"{op}: chunk_size={chunk_size!r} must be None or an int >= 1")
+    checks.same_device(op, hidden=hidden, weight=weight, bias=bias, target=target)
+    _target_range(op, target, weight.shape[0], ignore_index)

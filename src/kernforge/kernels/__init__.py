@@ -2,8 +2,10 @@
 
 from . import (  # noqa: F401
     attention,
+    cross_entropy,
     decode,
     fp8_gemm,
+    fused_linear_ce,
     glu,
     grouped_gemm,
     layer_norm,
