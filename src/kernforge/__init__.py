@@ -32,6 +32,7 @@ from .errors import (
 from .expr import elementwise, rowwise  # expression kernels (docs/expressions.md)
 from .frontend import np_api as np  # kf.np: NumPy functions for traced code (docs/jit.md)
 from .frontend.jit import jit  # NumPy code to fused kernels (docs/jit.md)
+from .hf import patch, unpatch  # Hugging Face models on kernforge (docs/hf.md)
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "KernforgeError", "ShapeError", "UnsupportedError", "backend", "config", "device",
     "errors", "get_backend", "ops", "registered", "set_backend", "__version__",
     "elementwise", "rowwise", "TraceError", "jit", "np", "nn", "tune",
+    "patch", "unpatch",
 ]  # fmt: skip

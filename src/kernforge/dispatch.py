@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from . import config
 from .errors import ConfigError, UnsupportedError
 
@@ -141,7 +143,8 @@ def select(name: str, args: dict[str, Any]) -> Impl:
             "or unset KERNFORGE_DISABLE_FALLBACK to accept the fallback."
         )
     key = (name, wanted, why)
-    if key not in _warned:
+    # Warning inside a torch.compile trace is a graph break: the eager call warns instead.
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(
             f"kernforge.{name}: backend {wanted!r} cannot run these inputs ({why}); "
