@@ -320,7 +320,8 @@ def rope_triton(q, k, cos, sin, position_ids, layout):
     return RopeFunction.apply(q, k, cos, sin, position_ids, layout)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``cat(-x2, x1)`` of x's two halves along the last dim (GPT-NeoX / Hugging Face rope)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -352,7 +353,7 @@ def rope_torch(q, k, cos, sin, position_ids, layout):
 
     def apply(x):
         xr, xp = x[..., :rot], x[..., rot:]
-        out = (xr * c + _rotate_half(xr) * s).to(x.dtype)
+        out = (xr * c + rotate_half(xr) * s).to(x.dtype)
         return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
 
     return apply(q), apply(k)

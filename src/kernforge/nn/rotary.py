@@ -13,20 +13,16 @@ from torch import nn
 
 from .. import ops
 from ..errors import ArgumentError, ShapeError, UnsupportedError
+from ..kernels.rope import rotate_half
 
 #: rope_type values :class:`RotaryEmbedding` computes (Hugging Face's names).
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _hf_formula(q, k, cos, sin, unsqueeze_dim):
     """Hugging Face's eager formula, for inputs the kernel does not express."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 #: unsqueeze_dim -> the axis of the heads in q and k (1: [B, H, S, D]; 2: [B, S, H, D]).
