@@ -1,4 +1,5 @@
-"""The ``kernforge`` command: ``kernforge bench``, ``kernforge tune`` and ``kernforge info``."""
+"""The ``kernforge`` command: ``kernforge bench``, ``kernforge tune``, ``kernforge generate`` and
+``kernforge info``."""
 
 from __future__ import annotations
 
@@ -138,6 +139,46 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .errors import KernforgeError
+    from .llm import LLM
+    from .llm.tokenizer import StreamDecoder
+
+    try:
+        llm = LLM(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                  device=args.device, max_seq_len=args.max_seq_len, paged=args.paged,
+                  cuda_graphs=False if args.no_graphs else None, seed=args.seed or 0)  # fmt: skip
+        prompt = [int(t) for t in args.token_ids.split(",")] if args.token_ids else args.prompt
+        print(f"model: {llm.name} ({llm.config.arch}, {llm.config.num_params() / 1e9:.2f}B "
+              f"params, {llm.dtype}, {llm.device})", file=sys.stderr)  # fmt: skip
+        if llm.cuda_graphs and not args.no_warmup:  # compile kernels, capture the graphs
+            llm.generate(prompt, max_new_tokens=2, ignore_eos=True)
+        if llm.tokenizer is not None and not args.token_ids:
+            print(args.prompt, end="", flush=True)
+
+        stream = None if llm.tokenizer is None or args.token_ids else StreamDecoder(llm.tokenizer)
+
+        def show(row: int, token: int) -> None:  # stream the tokens as they come
+            print(stream.push(token) if stream else f" {token}", end="", flush=True)
+
+        out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, on_token=show,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           repetition_penalty=args.repetition_penalty, seed=args.seed,
+                           ignore_eos=args.ignore_eos)  # fmt: skip
+    except KernforgeError as e:
+        print(f"kernforge generate: {e}", file=sys.stderr)
+        return 2
+    if stream is not None:
+        print(stream.flush(), end="")
+    s = out.stats
+    print(f"\n\n{s.new_tokens} tokens ({out.finish_reasons[0]}); time to first token "
+          f"{1e3 * s.time_to_first_token_s:.1f} ms; decode {s.decode_tokens_per_s:.1f} tokens/s "
+          f"({s.decode_steps} steps, {s.decode_s:.3f} s); seed {s.seed}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kernforge`` command."""
     parser = argparse.ArgumentParser(prog="kernforge", description=__doc__)
@@ -162,6 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--list", action="store_true", help="list tunable kernels and the "
                       "remembered choices")  # fmt: skip
     tune.set_defaults(func=_tune)
+    gen = sub.add_parser("generate", help="generate text with an LLM on kernforge kernels "
+                         "(a Hugging Face folder or a random-weight built-in shape)")  # fmt: skip
+    gen.add_argument("--model", help="model folder, or random:NAME (tiny, qwen2.5-1.5b, "
+                     "llama3-8b); default random:tiny")  # fmt: skip
+    gen.add_argument("--prompt", default="Hello", help="prompt text")
+    gen.add_argument("--token-ids", help="prompt as comma-separated token ids (instead of text)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, help="0 (default): greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int, help="sampling seed (and the random weights' seed)")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--max-seq-len", type=int)
+    gen.add_argument("--paged", action="store_true", help="paged KV cache")
+    gen.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (eager decode)")
+    gen.add_argument("--no-warmup", action="store_true", help="time the first call too "
+                     "(kernel compilation and graph capture included)")  # fmt: skip
+    gen.set_defaults(func=_generate)
     info = sub.add_parser("info", help="device, versions, settings and registered ops")
     info.set_defaults(func=_info)
     return parser

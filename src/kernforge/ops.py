@@ -674,6 +674,73 @@ def append_kv(
     decode.check_append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
 
 
+@dispatch("rope_append_kv")
+def rope_append_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    block_table: torch.Tensor | None = None,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+):
+    """A decode step's q/k/v handling in one kernel: returns rope(q) [B, Hq, D] and writes
+    rope(k) and v into the KV cache at position ``cache_seqlens[b]``.
+
+    qkv [B, (Hq + 2 * Hk) * D]: one new token per sequence, the fused projection (q heads,
+    then k heads, then v heads; ``num_heads`` = Hq). Caches as :func:`append_kv` ([B, S_max,
+    Hk, D] contiguous, or [num_pages, page_size, Hk, D] with ``block_table``); Hk and D are
+    read from them. cos/sin [S, D] (rotate-half tables, row = position). ``q_norm``/``k_norm``
+    [D]: per-head RMSNorm of q and k before the rotation (Qwen3), both or neither.
+    ``cache_seqlens`` (int32 [B], lengths before the token) is not changed.
+    """
+    op = "rope_append_kv"
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache),
+                    ("v_cache", v_cache)):  # fmt: skip
+        checks.tensor(op, name, t)
+        checks.floating(op, name, t)
+    if qkv.dim() != 2 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ShapeError(
+            f"rope_append_kv: qkv must be [B, (Hq + 2 Hk) D] and the caches 4-D and alike; "
+            f"got qkv {tuple(qkv.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
+            f"{tuple(v_cache.shape)}"
+        )
+    hk, d = k_cache.shape[-2:]
+    if not isinstance(num_heads, int) or num_heads <= 0 or num_heads % hk:
+        raise ArgumentError(f"rope_append_kv: num_heads={num_heads!r} must be a positive "
+                            f"multiple of the caches' {hk} KV heads")  # fmt: skip
+    if qkv.shape[1] != (num_heads + 2 * hk) * d:
+        raise ShapeError(
+            f"rope_append_kv: qkv has {qkv.shape[1]} features, expected (Hq + 2 Hk) * D = "
+            f"({num_heads} + 2 * {hk}) * {d} = {(num_heads + 2 * hk) * d}"
+        )
+    if cos.dim() != 2 or cos.shape[1] != d or sin.shape != cos.shape or d % 2:
+        raise ShapeError(f"rope_append_kv: cos/sin must be [positions, D={d}] (D even), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
+    if (q_norm is None) != (k_norm is None):
+        raise ArgumentError("rope_append_kv: give q_norm and k_norm together, or neither")
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if w is not None:
+            checks.tensor(op, name, w)
+            checks.shape(op, name, w, (d,), "one weight per head feature")
+    checks.same_dtype(op, qkv=qkv, k_cache=k_cache, v_cache=v_cache)
+    checks.same_device(op, qkv=qkv, cos=cos, k_cache=k_cache, cache_seqlens=cache_seqlens,
+                       block_table=block_table)  # fmt: skip
+    from .kernels import decode
+
+    decode.check_append_kv(qkv.new_empty(qkv.shape[0], 1, hk, d), qkv.new_empty(
+        qkv.shape[0], 1, hk, d), k_cache, v_cache, cache_seqlens, block_table)  # fmt: skip
+    if checks.index_checks_on() and cache_seqlens.numel():
+        hi = int(cache_seqlens.max())
+        if hi >= cos.shape[0]:
+            raise ShapeError(f"rope_append_kv: position {hi} is outside cos/sin's "
+                             f"{cos.shape[0]} rows")  # fmt: skip
+
+
 @dispatch("mla_decode")
 def mla_decode(
     q_nope: torch.Tensor,

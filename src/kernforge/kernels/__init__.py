@@ -14,5 +14,6 @@ from . import (  # noqa: F401
     moe,
     rms_norm,
     rope,
+    rope_append,
     softmax,
 )

@@ -320,10 +320,16 @@ class GemvPlan:
 #: start their warps at different columns, spreading the reads over HBM channels; warps of
 #: one block on different rows at the same column (wk=1) ran 5-25% slower.
 DEFAULT = GemvConfig()
+#: In an LLM decode step (a CUDA graph of GEMVs over weights read once each, no L2 flush
+#: between them; benchmarks/results/gemv_decode.json, 20 Qwen2.5-1.5B / Llama-3-8B shapes at
+#: M = 1 and 8) two loads in flight per tile came within 4% of the best of 40 configs at every
+#: shape (geometric mean 0.99) and the config above within 0.94 (as low as 0.81 on the small
+#: q/k/v and o projections): the decode config is the default for M <= 8.
+DECODE = GemvConfig(u=2)
 #: The config by mma tile height (8: M <= 8, 16: M <= 16), then per (N, K) overrides. For
 #: M > 8 each lane reads two 16-byte pieces of x per piece of W: two loads of W in flight per
 #: tile instead of four measured best there (benchmarks/gemv_final.py, harness timing).
-DEFAULTS: dict[int, GemvConfig] = {8: DEFAULT, 16: GemvConfig(r=1, u=2, wn=1, wk=8)}
+DEFAULTS: dict[int, GemvConfig] = {8: DECODE, 16: GemvConfig(r=1, u=2, wn=1, wk=8)}
 TUNED: dict[tuple[int, int], GemvConfig] = {}
 #: Bytes one extra split costs beyond its partial sums (the last block's fix-up latency:
 #: fence, counter, re-read of the partials; ~1.3 us at 3 TB/s).

@@ -1,0 +1,124 @@
+"""The decoder forward passes, on catalog ops only: a varlen prefill of packed prompts and a
+decode step of one new token per sequence, both writing keys and values to a :class:`KVCache`.
+
+Per layer: ``rms_norm`` (the residual add fused), one ``linear`` for q/k/v (bias fused);
+for prefill ``rope``, the cache write and ``fmha_varlen``; for decode ``rope_append_kv``
+(qk-norm, rope and the cache write in one kernel) and ``fmha_decode``; then ``linear`` o,
+``rms_norm`` + residual, one ``linear`` for gate/up, ``silu_and_mul``, ``linear`` down.
+Decode ``linear`` calls with at most 16 rows run kernforge's CUDA GEMV.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..nn.rotary import _inv_freq
+from .cache import KVCache
+from .config import ModelConfig
+from .weights import DecoderWeights, LayerWeights
+
+
+def rope_tables(config: ModelConfig, length: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """cos/sin [length, head_dim] in ``dtype``, computed in fp32 as Hugging Face does."""
+    inv = _inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
+    freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Decoder:
+    """A loaded model: its config, weights and rope tables; stateless between calls."""
+
+    def __init__(self, config: ModelConfig, weights: DecoderWeights, max_seq_len: int):
+        self.config, self.weights = config, weights
+        self.dtype, self.device = weights.embed.dtype, weights.embed.device
+        self.cos, self.sin = rope_tables(config, max_seq_len, self.dtype, self.device)
+        w = config.sliding_window
+        self.window = None if w is None else (w - 1, 0)  # HF: keys p - w < j <= p
+
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor, res: torch.Tensor | None):
+        """``(rms_norm(h + res), h + res)``; the first layer has no residual yet."""
+        if res is None:
+            return ops.rms_norm(h, weight, self.config.rms_eps), h
+        return ops.rms_norm(h, weight, self.config.rms_eps, residual=res)
+
+    def _qkv(self, x: torch.Tensor, layer: LayerWeights, shape: tuple[int, ...]):
+        """q [*shape, Hq, D], k and v [*shape, Hk, D] (views of one projection's output)."""
+        c = self.config
+        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+        q = qkv[..., : c.q_size].view(*shape, c.num_heads, c.head_dim)
+        k = qkv[..., c.q_size : c.q_size + c.kv_size].view(*shape, c.num_kv_heads, c.head_dim)
+        v = qkv[..., c.q_size + c.kv_size :].view(*shape, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = ops.rms_norm(q, layer.q_norm, c.rms_eps)
+            k = ops.rms_norm(k, layer.k_norm, c.rms_eps)
+        return q, k, v
+
+    def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        return ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up)), layer.down)
+
+    def _logits(self, h: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        x, _ = ops.rms_norm(h, self.weights.final_norm, self.config.rms_eps, residual=res)
+        return ops.linear(x, self.weights.lm_head)
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_len: int, slots: torch.Tensor, last: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:  # fmt: skip
+        """Run packed prompts: ``tokens``/``positions`` [T] (sequence b is rows
+        ``cu_seqlens[b]:cu_seqlens[b+1]``), their keys/values written to cache ``slots`` [T];
+        returns the logits [n, vocab] of the rows ``last`` [n] (each prompt's last token)."""
+        c, n_tok = self.config, tokens.shape[0]
+        h = F.embedding(tokens, self.weights.embed)
+        res = None
+        for i, layer in enumerate(self.weights.layers):
+            x, res = self._norm(h, layer.attn_norm, res)
+            q, k, v = self._qkv(x, layer, (1, n_tok))
+            q, k = ops.rope(q, k, self.cos, self.sin, position_ids=positions[None])
+            k_cache, v_cache = cache.layer(i)
+            flat = (-1, c.num_kv_heads, c.head_dim)
+            k_cache.view(flat).index_copy_(0, slots, k[0])
+            v_cache.view(flat).index_copy_(0, slots, v[0])
+            o = ops.fmha_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len,
+                                causal=True, window=self.window)  # fmt: skip
+            h = ops.linear(o.reshape(n_tok, c.q_size), layer.o)
+            x, res = self._norm(h, layer.mlp_norm, res)
+            h = self._mlp(x, layer)
+        return self._logits(h[last], res[last])
+
+    def decode(self, tokens: torch.Tensor, lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per sequence row: ``tokens`` [B] at positions ``lens`` [B] (int32,
+        the cached length of each row before this token); returns logits [B, vocab]. The
+        caller advances ``lens``."""
+        c, rows = self.config, tokens.shape[0]
+        h = F.embedding(tokens, self.weights.embed)
+        table = cache.table(rows)
+        lens_after = lens + 1
+        res = None
+        for i, layer in enumerate(self.weights.layers):
+            x, res = self._norm(h, layer.attn_norm, res)
+            qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+            k_cache, v_cache = cache.layer(i)
+            if table is None:
+                k_cache, v_cache = k_cache[:rows], v_cache[:rows]
+            q = ops.rope_append_kv(
+                qkv,
+                self.cos,
+                self.sin,
+                lens,
+                k_cache,
+                v_cache,
+                c.num_heads,
+                table,
+                layer.q_norm,
+                layer.k_norm,
+                c.rms_eps,
+            )
+            o = ops.fmha_decode(q[:, None], k_cache, v_cache, lens_after, table,
+                                window=self.window)  # fmt: skip
+            h = ops.linear(o.view(rows, c.q_size), layer.o)
+            x, res = self._norm(h, layer.mlp_norm, res)
+            h = self._mlp(x, layer)
+        return self._logits(h, res)
