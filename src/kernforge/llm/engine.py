@@ -31,8 +31,9 @@ from .model import Decoder
 from .sampling import Sampler, SamplingParams
 from .tokenizer import ByteTokenizer, StreamDecoder, load_tokenizer
 
-#: Decode batch-size buckets (a batch runs in the smallest bucket that holds it).
+#: Fewest tokens of a prefill graph (buckets are powers of two, as are the decode batch sizes).
 MIN_PREFILL_BUCKET = 16
+#: The model of ``LLM()`` and of ``kernforge generate`` without ``--model``.
 DEFAULT_MODEL = "random:tiny"
 
 
@@ -51,14 +52,13 @@ class GenerationStats:
     decode_s: float
     decode_steps: int
     seed: int | None
+    rows: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Decoded tokens (every row, after the first token) per second of decode."""
-        rows_tokens = self.new_tokens - self.rows if self.rows else 0
-        return rows_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-    rows: int = 0
+        """Decoded tokens (every row, after its first token) per second of decode."""
+        tokens = self.new_tokens - self.rows
+        return tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
 @dataclass
@@ -124,6 +124,7 @@ class LLM:
         if self.cuda_graphs and self.device.type != "cuda":
             raise DeviceError("llm: cuda_graphs=True needs a CUDA device")
         self.cache: KVCache | None = None
+        self._static: dict[tuple, list[torch.Tensor]] = {}  # prefill graphs' input buffers
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._pool = None
 
@@ -240,7 +241,7 @@ class LLM:
 
     def _graph_buffers(self, key: tuple, host: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """The static device inputs of graph ``key``, refilled from ``host``."""
-        store = self.__dict__.setdefault("_static", {})
+        store = self._static
         if key not in store or key not in self._graphs:
             store[key] = [t.to(self.device) for t in host]
         else:
