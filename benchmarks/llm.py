@@ -35,16 +35,6 @@ BARS = {
 BATCHES = {"qwen2.5-1.5b": (1, 8, 64), "llama3-8b": (1, 8)}
 
 
-def copy_bandwidth() -> float:
-    """Measured device-to-device copy bandwidth, bytes/s (read + write counted)."""
-    import triton.testing
-
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=5, rep=50)
-    return 2 * x.numel() / (ms * 1e-3)
-
-
 def prefill_flops(cfg, tokens: int) -> float:
     """GEMM FLOPs of a prefill: every weight but the embedding, per token (the head runs on the
     last token only; attention's own FLOPs are left out)."""
@@ -90,9 +80,9 @@ def bench_kernforge(name: str, args, bw: float) -> tuple[dict, object]:
               f"{roof:.0f}), ttft {rows[-1]['ttft_ms']:.1f} ms", flush=True)  # fmt: skip
     long = torch.randint(0, cfg.vocab_size, (1, 512), generator=gen).tolist()
     with torch.inference_mode(), checks.trusted_indices():
-        llm._ensure_cache(1, 512 + 8)
+        llm._ensure_cache(1)
         times = _sync_time(lambda: llm._prefill(long), 3 + args.reps)[3:]
-    out = llm.generate(long, max_new_tokens=2, ignore_eos=True)
+    llm.generate(long, max_new_tokens=2, ignore_eos=True)  # capture the 1-row decode graph
     ttft512 = [llm.generate(long, max_new_tokens=1, ignore_eos=True).stats.time_to_first_token_s
                for _ in range(args.reps)]  # fmt: skip
     res = dict(model=name, params=cfg.num_params(), weight_bytes=weights, load_s=load_s,
@@ -212,10 +202,12 @@ def main() -> None:
     import transformers
     import triton
 
+    from kernforge.bench.harness import copy_bandwidth
+
     results = dict(env=dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                             triton=triton.__version__, transformers=transformers.__version__,
                             date=time.strftime("%Y-%m-%d")),
-                   copy_tb_s=copy_bandwidth() / 1e12, prompt=args.prompt,
+                   copy_tb_s=copy_bandwidth(on_gpu=True), prompt=args.prompt,
                    new_tokens=args.new_tokens, hf_new_tokens=args.hf_new_tokens, models={})  # fmt: skip
     bw = results["copy_tb_s"] * 1e12
     for name in args.models.split(","):

@@ -732,8 +732,8 @@ def rope_append_kv(
                        block_table=block_table)  # fmt: skip
     from .kernels import decode
 
-    decode.check_append_kv(qkv.new_empty(qkv.shape[0], 1, hk, d), qkv.new_empty(
-        qkv.shape[0], 1, hk, d), k_cache, v_cache, cache_seqlens, block_table)  # fmt: skip
+    new = qkv.new_empty(qkv.shape[0], 1, hk, d)  # the k and v that the kernel will append
+    decode.check_append_kv(new, new, k_cache, v_cache, cache_seqlens, block_table)
     if checks.index_checks_on() and cache_seqlens.numel():
         hi = int(cache_seqlens.max())
         if hi >= cos.shape[0]:

@@ -15,7 +15,6 @@ The flow of one :meth:`LLM.generate` call:
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from .cache import KVCache
 from .config import ModelConfig, preset
 from .loader import load_config, load_weights, random_weights
 from .model import Decoder
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, random_seed
 from .tokenizer import ByteTokenizer, StreamDecoder, load_tokenizer
 
 #: Fewest tokens of a prefill graph (buckets are powers of two, as are the decode batch sizes).
@@ -130,15 +129,15 @@ class LLM:
 
     # --- cache and static buffers ---------------------------------------------------------------
 
-    def _ensure_cache(self, rows: int, length: int) -> KVCache:
-        """A cache with at least ``rows`` sequence rows of ``length`` tokens; growing it drops
-        the captured graphs (they hold the old addresses)."""
+    def _ensure_cache(self, rows: int) -> KVCache:
+        """A cache with at least ``rows`` sequence rows, each of ``max_seq_len`` tokens (so a
+        longer generation never re-captures graphs); growing it drops the captured graphs
+        (they hold the old addresses)."""
         c, cache = self.config, self.cache
-        if cache is not None and cache.rows >= rows and cache.max_seq_len >= length:
+        if cache is not None and cache.rows >= rows:
             return cache
-        # Every row holds max_seq_len tokens, so a longer generation never re-captures graphs.
         rows, length = max(rows, cache.rows if cache else 0), self.max_seq_len
-        self.cache = None
+        self.cache = None  # free the old cache before the new one is allocated
         self._graphs.clear()
         self._pool = None
         self.cache = KVCache.allocate(c.num_layers, rows, length, c.num_kv_heads, c.head_dim,
@@ -348,13 +347,13 @@ class LLM:
                 f"{self.max_seq_len}; pass a larger max_seq_len to LLM(...)"
             )
         rows = bucket(n) if self.cuda_graphs else n
-        cache = self._ensure_cache(rows, longest)
+        cache = self._ensure_cache(rows)
         stops = set(params.stop_token_ids)
         if not ignore_eos:
             stops |= set(self.config.eos_token_ids)
             if self.tokenizer is not None:
                 stops |= set(self.tokenizer.eos_token_ids)
-        run_seed = params.seed if params.seed is not None else random.randrange(2**31)
+        run_seed = params.seed if params.seed is not None else random_seed()
         sampler = Sampler(params, rows, self.config.vocab_size, self.device)
         sampler.reset(lists + [[] for _ in range(rows - n)],
                       seeds=[run_seed] * rows)  # fmt: skip

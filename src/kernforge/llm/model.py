@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..nn.rotary import _inv_freq
+from ..nn.rotary import RotaryEmbedding
 from .cache import KVCache
 from .config import ModelConfig
 from .weights import DecoderWeights, LayerWeights
@@ -22,11 +22,13 @@ from .weights import DecoderWeights, LayerWeights
 
 def rope_tables(config: ModelConfig, length: int, dtype: torch.dtype,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """cos/sin [length, head_dim] in ``dtype``, computed in fp32 as Hugging Face does."""
-    inv = _inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
-    freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos/sin [length, head_dim] in ``dtype`` for positions 0..length-1, from
+    :class:`kernforge.nn.RotaryEmbedding` (fp32 math, as Hugging Face's)."""
+    rotary = RotaryEmbedding(config.head_dim, length, config.rope_theta, config.rope_scaling,
+                             device=device)  # fmt: skip
+    like = torch.empty(0, dtype=dtype, device=device)
+    cos, sin = rotary(like, torch.arange(length, device=device))
+    return cos[0], sin[0]
 
 
 class Decoder:
@@ -103,19 +105,8 @@ class Decoder:
             k_cache, v_cache = cache.layer(i)
             if table is None:
                 k_cache, v_cache = k_cache[:rows], v_cache[:rows]
-            q = ops.rope_append_kv(
-                qkv,
-                self.cos,
-                self.sin,
-                lens,
-                k_cache,
-                v_cache,
-                c.num_heads,
-                table,
-                layer.q_norm,
-                layer.k_norm,
-                c.rms_eps,
-            )
+            q = ops.rope_append_kv(qkv, self.cos, self.sin, lens, k_cache, v_cache, c.num_heads,
+                                   table, layer.q_norm, layer.k_norm, c.rms_eps)  # fmt: skip
             o = ops.fmha_decode(q[:, None], k_cache, v_cache, lens_after, table,
                                 window=self.window)  # fmt: skip
             h = ops.linear(o.view(rows, c.q_size), layer.o)
