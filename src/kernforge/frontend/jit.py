@@ -161,7 +161,7 @@ class JitFunction:
     def _build(self, args, kwargs, mode: str) -> _Entry:
         from ..codegen import lower
         from ..passes.simplify import simplify
-        from ..runtime.program import Program
+        from ..runtime.program import JitProgram
 
         bound = bind(self.fn, args, kwargs)
         traced = trace_bound(self.fn, bound, name=self.__name__)
@@ -188,7 +188,7 @@ class JitFunction:
                 )
             tensors, _ = _to_target(bound.arrays, mode)
             strides = [tuple(t.stride()) for t in tensors]
-            entry.program = Program(graph, lower(graph, strides, interpret), interpret)
+            entry.program = JitProgram(graph, lower(graph, strides, interpret), interpret)
             target = "cpu" if interpret else "cuda"
             if all(
                 len(p) == 2

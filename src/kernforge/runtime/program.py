@@ -1,8 +1,8 @@
 """A lowered graph, ready to run: generated kernels in launch order, with the buffers they
 read and write.
 
-``Program.run`` is the hot path of a cached ``kf.jit`` call: it allocates the stored values
-and launches each kernel with precomputed arguments, nothing else.
+``JitProgram.run`` is the hot path of a cached ``kf.jit`` call: it allocates the stored
+values and launches each kernel with precomputed arguments, nothing else.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _torch_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
-class Program:
+class JitProgram:
     """Kernels and buffer plan of one traced graph, for one device."""
 
     def __init__(self, graph: Graph, lowered: Lowered, interpret: bool) -> None:
