@@ -40,6 +40,10 @@ def test_every_gemv_variant_compiles(arch):
         k = linear.gemv_kernel(dtype, mt, cfg, arch=arch)
         assert k.arch == arch and len(k.cubin) > 1000, (dtype, mt, cfg)
         assert [p.name for p in k.params][:4] == ["x", "w", "bias", "y"]
+    if arch == "sm_90":  # the decode step's dependent launches (griddepcontrol is sm_90+)
+        for dtype, mt, cfg in variants:
+            k = linear.gemv_kernel(dtype, mt, cfg, arch=arch, pdl=True)
+            assert len(k.cubin) > 1000, (dtype, mt, cfg)
 
 
 @needs_nvrtc

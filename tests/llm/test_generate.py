@@ -174,12 +174,14 @@ def test_cli_generate(capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("paged", [False, True])
 def test_cuda_graphs_match_eager_on_gpu(paged, tmp_path):
-    """The graphed prefill/decode give the tokens and logits of the eager run (same kernels),
-    for ragged batches in two bucket sizes, and the bf16 model tracks HF's fp32 logits."""
+    """The graphed prefill/decode (decode kernels as programmatic dependent launches) give the
+    tokens and logits of the eager run launched plainly (same kernels), for ragged batches in
+    two bucket sizes, and the bf16 model tracks HF's fp32 logits."""
     model, folder = _hf_model("qwen2", tmp_path)
     graphed = LLM(folder, dtype=torch.bfloat16, paged=paged, page_size=16, progress=False)
     eager = LLM(folder, dtype=torch.bfloat16, paged=paged, page_size=16, cuda_graphs=False,
                 progress=False)  # fmt: skip
+    eager.decoder.dependent_launches = False
     for prompts in ([[5, 6, 7, 8, 9]], [[1, 2, 3], [9] * 17, [4], [8, 8, 8, 8, 8, 8]]):
         for _ in range(2):  # the second call replays captured graphs
             a = graphed.generate(prompts, max_new_tokens=STEPS, return_logits=True)

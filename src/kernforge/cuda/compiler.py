@@ -81,11 +81,12 @@ class Kernel:
         return {k: int(launch.drv(cu.cuFuncGetAttribute(v, fn), k)) for k, v in names.items()}
 
     def launch(self, *args: Any, grid: int | Sequence[int], block: int | Sequence[int],
-               shared_mem: int = 0, stream: Any = None) -> None:  # fmt: skip
+               shared_mem: int = 0, stream: Any = None, pdl: bool = False) -> None:  # fmt: skip
         """Launch on the GPU: ``args`` are torch CUDA tensors for pointer parameters and
         Python/NumPy numbers for scalars, checked against :attr:`params` first
         (``ArgumentError``). ``stream`` None is torch's current stream on the tensors' device.
-        Dynamic ``shared_mem`` over 48 KiB is opted in to automatically."""
+        Dynamic ``shared_mem`` over 48 KiB is opted in to automatically. ``pdl``: a
+        programmatic dependent launch (see :func:`kernforge.cuda.launch.launch_function`)."""
         # Hot path: a few microseconds of host time (decode GEMVs launch per token).
         try:
             cfg = self._configs.get((grid, block, shared_mem))
@@ -127,7 +128,7 @@ class Kernel:
             handle = launch.stream_handle(stream, torch.device("cuda", index))
         with launch.ContextGuard(index):
             try:
-                launch.launch_function(fn, packed, g, b, smem, handle)
+                launch.launch_function(fn, packed, g, b, smem, handle, pdl)
             except Exception as exc:
                 raise type(exc)(
                     f"launching {self.signature} with grid={g}, block={b}, shared_mem={smem}: {exc}"

@@ -382,11 +382,29 @@ def stream_handle(stream: Any, device: torch.device) -> int:
     )
 
 
-def launch_function(fn, packed: list, grid, block, shared_mem: int, stream: int) -> None:
-    """``cuLaunchKernel`` with ``packed`` ctypes values (the current context must be right)."""
+def launch_function(
+    fn, packed: list, grid, block, shared_mem: int, stream: int, pdl: bool = False
+) -> None:
+    """``cuLaunchKernel`` with ``packed`` ctypes values (the current context must be right).
+
+    ``pdl``: launch with programmatic stream serialization (Hopper's programmatic dependent
+    launch), so the kernel may start while the previous one on the stream finishes; the kernel
+    must then wait (``griddepcontrol.wait``) before touching what that one writes or reads."""
     cu = _driver()
     n = len(packed)
     ptrs = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(v) for v in packed])
+    if pdl:
+        cfg = cu.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
+        cfg.sharedMemBytes, cfg.hStream = shared_mem, cu.CUstream(stream)
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs, cfg.numAttrs = [attr], 1
+        params = ctypes.addressof(ptrs) if n else 0
+        drv(cu.cuLaunchKernelEx(cfg, fn, params, 0), "cuLaunchKernelEx")
+        return
     drv(
         cu.cuLaunchKernel(
             fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,

@@ -3,6 +3,8 @@ launch sizes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,48 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROW = 65536
 
 _poison = False
+_pdl = False
+
+
+@contextmanager
+def dependent_launches(enabled: bool = True) -> Iterator[None]:
+    """Inside, the kernels of an LLM decode step (rms_norm forward, the GEMV, rope_append_kv,
+    decode attention, silu_and_mul) launch as programmatic dependent launches on Hopper: each
+    may start while the previous kernel finishes (its blocks wait with ``griddepcontrol.wait``
+    before reading anything that kernel wrote; the GEMV first pulls its share of the weight into
+    L2). A no-op before sm_90 and under the interpreter."""
+    global _pdl
+    before = _pdl
+    _pdl = enabled and not device.INTERPRET and device.cuda_available() and _sm90()
+    try:
+        yield
+    finally:
+        _pdl = before
+
+
+def _sm90() -> bool:
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+@triton.jit
+def dependent_start(PDL: tl.constexpr):
+    """First statement of a kernel that may be a dependent launch: wait until the previous
+    kernel's writes are visible, then let the next kernel start launching."""
+    if PDL:
+        # Waiting first measured faster than letting the next kernel launch before the wait
+        # (more blocks parked on the SMs): Qwen2.5-1.5B decode 608 against 578 tok/s.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def pdl() -> bool:
+    """Whether kernels launched now should be programmatic dependent launches."""
+    return _pdl
+
+
+def pdl_args() -> dict:
+    """Launch keywords of a Triton kernel with a ``PDL: tl.constexpr = False`` parameter."""
+    return {"PDL": True, "launch_pdl": True} if _pdl else {}
 
 
 def poison_outputs(enabled: bool) -> None:

@@ -47,7 +47,7 @@ import triton.language as tl
 from .. import checks, device, tune
 from ..dispatch import register_impl
 from ..errors import ArgumentError, DTypeError, ShapeError
-from .common import new_output, op_call, triton_reason, upcast
+from .common import dependent_start, new_output, op_call, pdl_args, triton_reason, upcast
 
 LOG2E = 1.4426950408889634
 #: dtypes of the caches and queries the Triton kernels take.
@@ -103,8 +103,9 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGED: tl.constexpr, HAS_PE: tl.constexpr, SHARED_KV: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    dependent_start(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -212,9 +213,10 @@ def _decode_kernel(
 @triton.jit
 def _combine_kernel(
     Opart, Lpart, Out, Sq, HQ, n_splits, s_ob, s_os, s_oh,
-    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Out[row] = sum_s w_s * O_s with w_s = 2^(lse_s - lse), over one row's KV slices."""
+    dependent_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     lse = tl.load(Lpart + row * n_splits + offs_s, mask=offs_s < n_splits, other=float("-inf"))
@@ -420,14 +422,14 @@ def _launch(a: _Attn, cfg: DecodeConfig, splits: int | None = None) -> torch.Ten
         PAGED=paged, HAS_PE=a.q2 is not None, SHARED_KV=a.shared_kv,
         HAS_SOFTCAP=a.softcap is not None, HAS_WINDOW=a.window is not None, DIRECT=direct,
         UPCAST=device.INTERPRET, IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
     )  # fmt: skip
     if not direct:
         block_dv = triton.next_power_of_2(dv)
         _combine_kernel[(bsz * sq * hq,)](
             opart, lpart, out, sq, hq, splits, out.stride(0), out.stride(1), out.stride(2),
             DV=dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=block_dv,
-            num_warps=max(1, min(4, block_dv // 128)),
+            num_warps=max(1, min(4, block_dv // 128)), **pdl_args(),
         )  # fmt: skip
     return out
 

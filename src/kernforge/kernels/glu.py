@@ -18,7 +18,15 @@ import triton.language as tl
 
 from .. import device
 from ..dispatch import register_impl
-from .common import as_rows, new_like, new_output, op_call, triton_reason
+from .common import (
+    as_rows,
+    dependent_start,
+    new_like,
+    new_output,
+    op_call,
+    pdl_args,
+    triton_reason,
+)
 
 #: The ACT constexpr of the kernels, by activation name (the custom ops take the name).
 ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2}
@@ -65,8 +73,9 @@ def _tile(M, N, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def _glu_fwd_kernel(
     G, U, O,
     M, N, stride_g, stride_u, stride_o, tiles_n,
-    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    dependent_start(PDL)
     rows, cols, mask = _tile(M, N, tiles_n, BLOCK_M, BLOCK_N)
     g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
@@ -130,7 +139,7 @@ def _fwd(g2: torch.Tensor, u2: torch.Tensor, o2: torch.Tensor, act: str) -> None
     grid, tiles_n, bm, bn, warps = _launch(rows, cols, g2.element_size())
     _glu_fwd_kernel[grid](
         g2, u2, o2, rows, cols, *strides, tiles_n,
-        ACT=ACTS[act], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+        ACT=ACTS[act], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **pdl_args(),
     )  # fmt: skip
 
 

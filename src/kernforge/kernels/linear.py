@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import cuda as kcuda
 from .. import device
 from ..dispatch import register_impl
-from .common import arrival_counters, new_output, op_call
+from .common import arrival_counters, new_output, op_call, pdl
 
 #: Most rows of x (the product of its leading dimensions) the GEMV takes; more go to torch.
 MAX_M = 16
@@ -48,7 +48,9 @@ GEMV_SOURCE = r"""
 // x the mma tile covers), KF_R (8-row tiles per warp), KF_U (16-byte loads in flight per lane
 // and tile), KF_WN x KF_WK (warps per block: along N, and along K with their partial sums
 // added through shared memory), KF_HINT (cache hint of W loads), KF_PIPE (1: load the
-// next U pieces before using the current ones).
+// next U pieces before using the current ones), KF_PDL (1: a programmatic dependent launch:
+// blocks wait for the previous kernel before reading x or writing anything; requesting W, or
+// prefetching it to L2, before that wait measured slower in the decode step).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -57,6 +59,9 @@ GEMV_SOURCE = r"""
 #endif
 #ifndef KF_PIPE
 #define KF_PIPE 0
+#endif
+#ifndef KF_PDL
+#define KF_PDL 0
 #endif
 
 __device__ __forceinline__ uint4 kf_ld_stream(const void* p) {
@@ -148,6 +153,10 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
     const KF_T* xa_row = x + (size_t)(has_a ? r : 0) * K + q * 8;
     const KF_T* xb_row = x + (size_t)(has_b ? r + 8 : 0) * K + q * 8;
     const uint4 zero = make_uint4(0, 0, 0, 0);
+#if KF_PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
 
     float acc[R][4];
 #pragma unroll
@@ -340,7 +349,9 @@ MIN_KCHUNK = 256
 TARGET_WARPS = 16
 
 
-def gemv_options(dtype: torch.dtype, mt: int, cfg: GemvConfig) -> tuple[str, ...]:
+def gemv_options(
+    dtype: torch.dtype, mt: int, cfg: GemvConfig, pdl: bool = False
+) -> tuple[str, ...]:
     """NVRTC options (-D defines) of one GEMV variant."""
     bf16 = dtype == torch.bfloat16
     return (
@@ -353,12 +364,16 @@ def gemv_options(dtype: torch.dtype, mt: int, cfg: GemvConfig) -> tuple[str, ...
         f"-DKF_WK={cfg.wk}",
         f"-DKF_HINT={cfg.hint}",
         f"-DKF_PIPE={cfg.pipe}",
+        f"-DKF_PDL={int(pdl)}",
     )
 
 
-def gemv_kernel(dtype: torch.dtype, mt: int, cfg: GemvConfig, arch: str | None = None):
+def gemv_kernel(
+    dtype: torch.dtype, mt: int, cfg: GemvConfig, arch: str | None = None, pdl: bool = False
+):
     """The compiled GEMV variant (cached in memory and on disk by kernforge.cuda)."""
-    return kcuda.compile(GEMV_SOURCE, "kf_gemv", arch=arch, options=gemv_options(dtype, mt, cfg))
+    options = gemv_options(dtype, mt, cfg, pdl)
+    return kcuda.compile(GEMV_SOURCE, "kf_gemv", arch=arch, options=options)
 
 
 def _round_up(a: int, b: int) -> int:
@@ -422,10 +437,11 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             p = plan(m, n, k, 1, p.config, splits=1)
         else:
             partial = torch.empty(p.splits * m * n, dtype=torch.float32, device=x2.device)
-    kernel = gemv_kernel(x2.dtype, p.mt, p.config)
+    dependent = pdl()
+    kernel = gemv_kernel(x2.dtype, p.mt, p.config, pdl=dependent)
     kernel.launch(
         x2, weight, bias, out, partial, counters, m, n, k, p.kchunk, int(bias is not None),
-        grid=p.grid, block=32 * p.config.warps,
+        grid=p.grid, block=32 * p.config.warps, pdl=dependent,
     )  # fmt: skip
 
 

@@ -14,8 +14,10 @@ import triton.language as tl
 from ..dispatch import register_impl
 from .common import (
     as_rows,
+    dependent_start,
     new_like,
     op_call,
+    pdl_args,
     reduce_partials,
     row_launch,
     row_reason,
@@ -31,8 +33,9 @@ def _rms_norm_fwd_kernel(
     X, R, W, Y, H, RSTD,
     M, N, stride_x, stride_r, stride_y, stride_h, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    dependent_start(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -104,7 +107,7 @@ def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | 
             x2, r2, weight if weight is not None else x2, y, h, rstd,
             m, n, x2.stride(0), r2.stride(0), n, n, eps,
             HAS_RES=residual is not None, HAS_W=weight is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **pdl_args(),
         )  # fmt: skip
     return y, h, rstd
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_impl
-from .common import new_output, op_call, triton_reason
+from .common import dependent_start, new_output, op_call, pdl_args, triton_reason
 
 
 @triton.jit
@@ -24,7 +24,9 @@ def _rope_append_kernel(
     QKV, Cos, Sin, Seqlens, KC, VC, BT, Q, QN, KN, eps,
     HQ, HK, s_qkv, s_cos, s_bt, s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, page_size,
     HALF: tl.constexpr, BLOCK: tl.constexpr, PAGED: tl.constexpr, NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    dependent_start(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(Seqlens + b).to(tl.int64)
@@ -95,6 +97,7 @@ def rope_append_kv_kernel(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_cache.shape[1] if paged else 1,
         HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), PAGED=paged, NORM=norm, num_warps=1,
+        **pdl_args(),
     )  # fmt: skip
     return q
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..kernels.common import dependent_launches
 from ..nn.rotary import RotaryEmbedding
 from .cache import KVCache
 from .config import ModelConfig
@@ -38,6 +39,8 @@ class Decoder:
         self.config, self.weights = config, weights
         self.dtype, self.device = weights.embed.dtype, weights.embed.device
         self.cos, self.sin = rope_tables(config, max_seq_len, self.dtype, self.device)
+        #: Launch the decode step's kernels as programmatic dependent launches (sm_90+).
+        self.dependent_launches = True
         w = config.sliding_window
         self.window = None if w is None else (w - 1, 0)  # HF: keys p - w < j <= p
 
@@ -93,7 +96,12 @@ class Decoder:
     def decode(self, tokens: torch.Tensor, lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per sequence row: ``tokens`` [B] at positions ``lens`` [B] (int32,
         the cached length of each row before this token); returns logits [B, vocab]. The
-        caller advances ``lens``."""
+        caller advances ``lens``. On Hopper its kernels are programmatic dependent launches
+        (``dependent_launches``): each starts while the previous one finishes."""
+        with dependent_launches(self.dependent_launches):
+            return self._decode(tokens, lens, cache)
+
+    def _decode(self, tokens: torch.Tensor, lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         c, rows = self.config, tokens.shape[0]
         h = F.embedding(tokens, self.weights.embed)
         table = cache.table(rows)
