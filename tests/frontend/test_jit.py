@@ -166,6 +166,20 @@ def test_column_and_multi_axis_reductions_and_gathers():
         assert rel(g, w) < 1e-6
 
 
+def test_broadcast_scalar_under_a_concat_branch():
+    """A size-1 operand read at a constant offset inside a concat branch (rotary tables at
+    decode do this): the scalar load takes no block mask."""
+
+    def f(a, p):
+        r = (a * p.reshape(1, 1, 1)).reshape(1, 1, 4)
+        return np.concatenate([r, -r], axis=2)
+
+    rng = np.random.default_rng(0)
+    a, p = rng.standard_normal((1, 4, 1), np.float32), rng.standard_normal(1, np.float32)
+    out = np.asarray(kf.jit(f, mode="interpret")(a, p))
+    np.testing.assert_allclose(out, f(a, p), rtol=1e-6)
+
+
 def test_matmul_epilogue_and_batched_broadcast():
     def f(a, b, bias, res):
         return np.tanh(a @ b.swapaxes(-1, -2) + bias) + res

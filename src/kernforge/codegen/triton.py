@@ -196,7 +196,9 @@ class Writer:
         deps = self.syms.deps(off)
         ptr = self.arg(v)
         offset = self.syms.emit(off)
-        mask = self.mask(deps)
+        # A constant offset is one in-bounds element for every lane: loaded unmasked (a block
+        # mask, such as a concat branch's, cannot guard a scalar pointer).
+        mask = self.mask(deps) if off.terms else None
         if mask is None:
             expr = f"tl.load({ptr} + {offset})"
         else:
