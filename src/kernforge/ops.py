@@ -884,3 +884,139 @@ def fused_linear_cross_entropy(
         raise ArgumentError(f"{op}: chunk_size={chunk_size!r} must be None or an int >= 1")
     checks.same_device(op, hidden=hidden, weight=weight, bias=bias, target=target)
     _target_range(op, target, weight.shape[0], ignore_index)
+
+
+# --- convolution and pooling (kernels/conv.py) ----------------------------------------------------
+
+CONV_ACTIVATIONS = (None, "relu", "gelu", "silu")
+
+
+def _pair_arg(op: str, name: str, v, least: int) -> tuple[int, int]:
+    """An int or a pair of ints >= ``least`` (stride, padding, dilation, kernel size)."""
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if not (
+        isinstance(t, (tuple, list))
+        and len(t) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= least for i in t)
+    ):
+        raise ArgumentError(
+            f"{op}: {name}={v!r}; expected an int or a pair of ints, each >= {least}"
+        )
+    return int(t[0]), int(t[1])
+
+
+def _nchw(op: str, name: str, x: torch.Tensor) -> None:
+    checks.tensor(op, name, x)
+    checks.floating(op, name, x)
+    if x.dim() != 4:
+        raise ShapeError(
+            f"{op}: {name} must be 4-D [N, C, H, W] (any memory format; channels-last is the "
+            f"fast path), got shape {tuple(x.shape)}"
+            + ("; 5-D input is conv3d/pool3d, not supported" if x.dim() == 5 else "")
+            + ("; add the batch dimension with x.unsqueeze(0)" if x.dim() == 3 else "")
+        )
+
+
+@dispatch("conv2d")
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+):
+    """``act(conv2d(x, weight) + bias + residual)``: the convolution with its epilogue fused.
+
+    x [N, C, H, W], weight [O, C // groups, KH, KW], bias [O] or None; stride, padding
+    (zero padding) and dilation an int or an (h, w) pair; activation None, "relu", "gelu"
+    (tanh approximation) or "silu"; residual of the output's shape [N, O, OH, OW] or None.
+    The residual is added before the activation (ResNet's ``relu(bn(conv(x)) + identity)``).
+    Returns [N, O, OH, OW] in x's dtype. The Triton kernel (float16/bfloat16, fp32
+    accumulation, groups=1, forward only) reads channels-last x and writes a channels-last
+    output; a weight packed with ``kernels.conv.pack_conv_weight`` is read in place. Other
+    dtypes, groups > 1 and calls that need a gradient run on torch.
+    """
+    op = "conv2d"
+    _nchw(op, "x", x)
+    checks.tensor(op, "weight", weight)
+    checks.floating(op, "weight", weight)
+    if weight.dim() != 4:
+        raise ShapeError(
+            f"{op}: weight must be 4-D [O, C // groups, KH, KW], got shape {tuple(weight.shape)}"
+        )
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ArgumentError(f"{op}: groups={groups!r} must be an int >= 1")
+    c, o = x.shape[1], weight.shape[0]
+    if c % groups or o % groups:
+        raise ShapeError(
+            f"{op}: groups={groups} must divide both the input channels C={c} and the output "
+            f"channels O={o}"
+        )
+    if weight.shape[1] * groups != c:
+        raise ShapeError(
+            f"{op}: channel mismatch: x has C={c} channels {tuple(x.shape)} but weight "
+            f"{tuple(weight.shape)} expects C // groups = {weight.shape[1]} with groups={groups} "
+            f"(C = {weight.shape[1] * groups}); weight is [O, C // groups, KH, KW]"
+        )
+    sh, sw = _pair_arg(op, "stride", stride, 1)
+    ph, pw = _pair_arg(op, "padding", padding, 0)
+    dh, dw = _pair_arg(op, "dilation", dilation, 1)
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ShapeError(
+            f"{op}: the (dilated) kernel {kh}x{kw} (dilation {dh}x{dw}) does not fit the padded "
+            f"input {x.shape[2] + 2 * ph}x{x.shape[3] + 2 * pw}; pad more or use a smaller kernel"
+        )
+    if activation not in CONV_ACTIVATIONS:
+        raise ArgumentError(
+            f"{op}: activation={activation!r}; use None, 'relu', 'gelu' (tanh) or 'silu'"
+        )
+    if bias is not None:
+        checks.tensor(op, "bias", bias)
+        checks.shape(op, "bias", bias, (o,), "one value per output channel O")
+    if residual is not None:
+        checks.tensor(op, "residual", residual)
+        checks.shape(op, "residual", residual, (x.shape[0], o, oh, ow), "the output's shape")
+    checks.same_dtype(op, x=x, weight=weight, bias=bias, residual=residual)
+    checks.same_device(op, x=x, weight=weight, bias=bias, residual=residual)
+
+
+@dispatch("max_pool2d")
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0):
+    """Max pool of x [N, C, H, W] over kernel_size windows (stride defaults to kernel_size;
+    padding never wins; floor mode, dilation 1). The Triton kernel reads channels-last x and
+    writes a channels-last output; forward only (a call needing a gradient runs on torch)."""
+    op = "max_pool2d"
+    _nchw(op, "x", x)
+    kh, kw = _pair_arg(op, "kernel_size", kernel_size, 1)
+    if stride is not None:
+        _pair_arg(op, "stride", stride, 1)
+    ph, pw = _pair_arg(op, "padding", padding, 0)
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ArgumentError(
+            f"{op}: padding {ph}x{pw} must be at most half the kernel {kh}x{kw} (as in torch)"
+        )
+    sh, sw = _pair_arg(op, "stride", stride if stride is not None else kernel_size, 1)
+    if (x.shape[2] + 2 * ph - kh) // sh + 1 < 1 or (x.shape[3] + 2 * pw - kw) // sw + 1 < 1:
+        raise ShapeError(
+            f"{op}: kernel {kh}x{kw} is larger than the padded input "
+            f"{x.shape[2] + 2 * ph}x{x.shape[3] + 2 * pw}"
+        )
+
+
+@dispatch("adaptive_avg_pool2d")
+def adaptive_avg_pool2d(x: torch.Tensor, output_size):
+    """Average pool of x [N, C, H, W] to output_size (an int or (OH, OW)) with torch's
+    adaptive windows; 1 is the global average pool. The Triton kernel reads channels-last x and
+    writes a channels-last output; forward only (a call needing a gradient runs on torch)."""
+    op = "adaptive_avg_pool2d"
+    _nchw(op, "x", x)
+    _pair_arg(op, "output_size", output_size, 1)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ShapeError(f"{op}: x {tuple(x.shape)} has an empty spatial dimension")

@@ -181,6 +181,7 @@ CASE_MODULES: dict[str, tuple[str, ...]] = {
     "gemm": ("cases_matmul", "cases_fp8_grouped", "cases_moe"),
     "attention": ("cases_attention", "cases_decode"),
     "losses": ("cases_losses",),
+    "conv": ("cases_conv",),
 }
 #: Families run only when named (``kernforge bench gemv``): their own shapes and bars.
 EXTRA_FAMILIES: tuple[str, ...] = ("gemv", "trace", *CASE_MODULES)

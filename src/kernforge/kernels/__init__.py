@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     attention,
+    conv,
     cross_entropy,
     decode,
     fp8_gemm,
