@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (kernels registers the impls)
     ops,
     tune,
 )
+from .compiler import compile_model, supported_ops  # whole models (docs/compiler.md)
 from .dispatch import FallbackWarning, backend, get_backend, registered, set_backend
 from .errors import (
     ArgumentError,
@@ -33,6 +34,7 @@ from .expr import elementwise, rowwise  # expression kernels (docs/expressions.m
 from .frontend import np_api as np  # kf.np: NumPy functions for traced code (docs/jit.md)
 from .frontend.jit import jit  # NumPy code to fused kernels (docs/jit.md)
 from .hf import patch, unpatch  # Hugging Face models on kernforge (docs/hf.md)
+from .runtime.archive import load  # a saved compiled Program (docs/compiler.md)
 
 __version__ = "0.1.0"
 
@@ -41,5 +43,5 @@ __all__ = [
     "KernforgeError", "ShapeError", "UnsupportedError", "backend", "config", "device",
     "errors", "get_backend", "ops", "registered", "set_backend", "__version__",
     "elementwise", "rowwise", "TraceError", "jit", "np", "nn", "tune",
-    "patch", "unpatch",
+    "patch", "unpatch", "compile_model", "supported_ops", "load",
 ]  # fmt: skip

@@ -1,5 +1,6 @@
-"""The ``kernforge`` command: ``kernforge bench``, ``kernforge tune``, ``kernforge generate`` and
-``kernforge info``."""
+"""The ``kernforge`` command: ``kernforge bench``, ``kernforge tune``, ``kernforge generate``,
+``kernforge warmup``, ``kernforge cache``, ``kernforge info``, and the model compiler's
+``kernforge compile``, ``kernforge run`` and ``kernforge inspect`` (:mod:`.cli_model`)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,10 @@ def _tune(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     known = tune.tunable()
+    if getattr(args, "model", None):
+        return _tune_model(args)
+    if args.export:
+        return _tune_export(args)
     if args.list or not args.kernel:
         print("tunable kernels:")
         for name, entry in known.items():
@@ -123,6 +128,152 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``kernforge tune --model ... --kernel NAME``: short names of the model families.
+_MODEL_ALIASES = {"matmul": "matmul_tma", "attention": "attention_fwd", "fmha": "attention_fwd"}
+
+
+def _tune_model(args: argparse.Namespace) -> int:
+    """``kernforge tune --model train|eval [--kernel matmul] [--arch sm_90]``: train the
+    performance model from the measurement store and report held-out accuracy (split by
+    shape), or print its cross-validated top-k hit rate and the fraction measured."""
+    from . import device
+    from .tune import model, space, store
+
+    if not model.available():
+        print("kernforge tune --model: needs scikit-learn or xgboost (pip install "
+              "kernforge[tune]); tuning measures each kernel's short list without it",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    names = [args.model_kernel] if args.model_kernel else store.kernels()
+    names = [_MODEL_ALIASES.get(n, n) for n in names]
+    names = [n for n in names if n in space.families()]
+    if not names:
+        print(f"kernforge tune --model: no measurements under {store.root()} for "
+              f"{args.model_kernel or 'any modelled kernel'} (families: "
+              f"{', '.join(space.families())}); tune some shapes first",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    status = 0
+    for name in names:
+        recs = store.load(name)
+        arch = args.arch or device.arch() or (max({r["arch"] for r in recs}, key=lambda a: sum(
+            r["arch"] == a for r in recs)) if recs else "cpu")  # fmt: skip
+        try:
+            if args.model == "train":
+                rec = model.train(name, arch, k=args.topk)
+                ho = rec["holdout"]
+                head = (f"{name} on {arch}: trained on {rec['records']} measurements of "
+                        f"{rec['keys']} shapes in {rec['train_seconds']:.1f}s")  # fmt: skip
+            else:
+                ho = model.evaluate(name, arch, k=args.topk)
+                head = f"{name} on {arch}: cross-validated over shapes"
+        except Exception as exc:  # noqa: BLE001  (reported per family)
+            print(f"{name} on {arch}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        if "error" in ho:
+            print(f"{head}; held-out: {ho['error']}")
+            continue
+        print(f"{head}; held-out {ho['keys']} shapes: top-{ho['k']} hit rate "
+              f"{ho['hit_rate']:.2f} (within 3% of the best), fraction measured "
+              f"{ho['fraction_measured']:.3f}, slowdown mean {ho['mean_slowdown']:.3f} worst "
+              f"{ho['worst_slowdown']:.3f}")  # fmt: skip
+    return status
+
+
+def _tune_export(args: argparse.Namespace) -> int:
+    """``kernforge tune --export``: the on-disk choices of one arch into its pre-tuned table."""
+    from . import device
+    from .tune import pretuned
+
+    arch = args.arch or device.arch()
+    if not arch:
+        print("kernforge tune --export: no GPU here; name the table with --arch (e.g. sm_90)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    path, changed = pretuned.export(arch, Path(args.output) if args.output else None)
+    counts = pretuned.size(path)
+    print(f"exported {changed} tuned key(s) of {arch} into {path} "
+          f"({sum(counts.values())} entries: {counts})")  # fmt: skip
+    return 0
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import device
+    from .errors import KernforgeError
+    from .tune import warmup as wu
+
+    on_gpu = torch.cuda.is_available() and not device.INTERPRET
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    shapes = [_parse_shape(s) for s in args.shapes.split(",")] if args.shapes else None
+    try:
+        if args.model:
+            jobs = wu.model_jobs(args.model, shapes, dtype, max_seq_len=args.max_seq_len,
+                                 paged=args.paged or None)  # fmt: skip
+        else:
+            ops = args.ops.split(",") if args.ops else list(wu.OPS)
+            if shapes is None and not on_gpu:
+                print("warmup: no CUDA GPU, so nothing to compile; running each op once "
+                      "through Triton's CPU interpreter at small shapes",
+                      file=sys.stderr)  # fmt: skip
+                jobs = [j for op in ops
+                        for j in wu.op_jobs([op], [_cpu_shape(wu, op)], dtype, on_gpu)]  # fmt: skip
+            else:
+                jobs = wu.op_jobs(ops, shapes, dtype, on_gpu)
+        report = wu.warmup(jobs, args.jobs, tune=args.tune)
+    except KernforgeError as e:
+        print(f"kernforge warmup: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cpu_shape(wu, op: str) -> tuple[int, ...]:
+    """A tiny shape of ``op``'s format, for the CPU interpreter."""
+    return {"ROWSxHIDDEN": (4, 32), "ROWSxCOLS": (4, 32), "ROWSxINTERMEDIATE": (4, 32),
+            "BATCHxSEQxHEADSxHEAD_DIM": (1, 8, 2, 16), "MxNxK": (16, 16, 16),
+            "TxNxKxG": (16, 16, 16, 2), "BATCHxCONTEXT[xPAGE_SIZE]": (1, 32),
+            "ROWSxVOCAB": (4, 64)}[wu.OPS[op].shapes_help]  # fmt: skip
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .tune import cache
+
+    if args.action == "info":
+        rows = cache.info()
+        print(f"{'part':13s} {'entries':>8s} {'files':>7s} {'size':>10s}  folder")
+        for r in rows:
+            print(f"{r.part:13s} {r.entries:8d} {r.files:7d} {cache.human(r.bytes):>10s}  {r.path}")
+        total = sum(r.bytes for r in rows)
+        print(f"total {cache.human(total)} (tune entries, measurement lines, generated sources, "
+              "NVRTC cubins, Triton kernels)")  # fmt: skip
+        return 0
+    if args.action == "clear":
+        parts = args.what.split(",") if args.what else list(cache.PARTS)
+        bad = [p for p in parts if p not in cache.PARTS]
+        if bad:
+            print(f"kernforge cache clear: unknown part(s) {', '.join(bad)}; parts: "
+                  f"{', '.join(cache.PARTS)}", file=sys.stderr)  # fmt: skip
+            return 2
+        files = {p: len(cache.part_files(p)) for p in parts}
+        if not args.yes:
+            print(f"would delete {sum(files.values())} file(s): {files}; run again with --yes "
+                  "to delete them")  # fmt: skip
+            return 1
+        done = cache.clear(parts)
+        print(f"deleted {sum(done.values())} file(s): {done}")
+        return 0
+    report = cache.prune(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path, why in report.removed:
+        print(f"{verb} {path}: {why}")
+    print(f"{verb} {len(report.removed)} stale or corrupt entr"
+          f"{'y' if len(report.removed) == 1 else 'ies'}; kept {report.kept}")  # fmt: skip
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from . import config, device, dispatch
 
@@ -153,6 +304,10 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = [int(t) for t in args.token_ids.split(",")] if args.token_ids else args.prompt
         print(f"model: {llm.name} ({llm.config.arch}, {llm.config.num_params() / 1e9:.2f}B "
               f"params, {llm.dtype}, {llm.device})", file=sys.stderr)  # fmt: skip
+        if args.warmup:  # compile every bucket's kernels in worker processes first
+            from .tune.warmup import warmup_llm
+
+            print(warmup_llm(llm, workers=args.jobs).summary(), file=sys.stderr)
         if llm.cuda_graphs and not args.no_warmup:  # compile kernels, capture the graphs
             llm.generate(prompt, max_new_tokens=2, ignore_eos=True)
         if llm.tokenizer is not None and not args.token_ids:
@@ -202,7 +357,42 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     tune.add_argument("--list", action="store_true", help="list tunable kernels and the "
                       "remembered choices")  # fmt: skip
+    tune.add_argument("--export", action="store_true", help="write the remembered choices of "
+                      "one arch into its pre-tuned table (merged with what is there)")  # fmt: skip
+    tune.add_argument("--arch", help="with --export: the arch (default: this GPU's, e.g. sm_90)")
+    tune.add_argument("-o", "--output", help="with --export: the table file (default: the "
+                      "shipped kernforge/tune/pretuned/<arch>.json)")  # fmt: skip
+    tune.add_argument("--model", choices=["train", "eval"], help="train the performance "
+                      "model from the measurement store (held-out accuracy), or evaluate it "
+                      "(top-k hit rate, fraction measured); --arch picks the arch")  # fmt: skip
+    tune.add_argument("--kernel", dest="model_kernel", help="with --model: the kernel family "
+                      "(matmul, attention; default: every one with measurements)")  # fmt: skip
+    tune.add_argument("--topk", type=int, default=5, help="with --model: k of the top-k")
     tune.set_defaults(func=_tune)
+    warm = sub.add_parser("warmup", help="compile (and with --tune, tune) every kernel a model "
+                          "or an op list will use, in parallel processes, into the persistent "
+                          "caches")  # fmt: skip
+    warm.add_argument("--model", help="a model folder or random:NAME (its prefill and decode "
+                      "kernels); default: --ops")  # fmt: skip
+    warm.add_argument("--ops", help="comma-separated catalog ops (default: all warm-up knows)")
+    warm.add_argument("--shapes", help="comma-separated shapes, sizes joined by x: per op its "
+                      "format (rms_norm ROWSxHIDDEN, matmul MxNxK, ...); for --model "
+                      "BATCHxPROMPT_TOKENS")  # fmt: skip
+    warm.add_argument("--jobs", type=int, help="worker processes (default: up to 4; 0: this "
+                      "process)")  # fmt: skip
+    warm.add_argument("--tune", action="store_true", help="also measure configs that are "
+                      "neither remembered nor shipped (one worker)")  # fmt: skip
+    warm.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    warm.add_argument("--max-seq-len", type=int, help="with --model: as LLM(max_seq_len=...)")
+    warm.add_argument("--paged", action="store_true", help="with --model: paged KV cache")
+    warm.set_defaults(func=_warmup)
+    cache = sub.add_parser("cache", help="what kernforge keeps on disk: info, clear, prune")
+    cache.add_argument("action", choices=["info", "clear", "prune"])
+    cache.add_argument("--what", help="with clear: comma-separated parts (tune, measurements, "
+                       "models, jit, cuda, triton, other; default all)")  # fmt: skip
+    cache.add_argument("--yes", action="store_true", help="with clear: really delete")
+    cache.add_argument("--dry-run", action="store_true", help="with prune: only report")
+    cache.set_defaults(func=_cache)
     gen = sub.add_parser("generate", help="generate text with an LLM on kernforge kernels "
                          "(a Hugging Face folder or a random-weight built-in shape)")  # fmt: skip
     gen.add_argument("--model", help="model folder, or random:NAME (tiny, qwen2.5-1.5b, "
@@ -223,9 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (eager decode)")
     gen.add_argument("--no-warmup", action="store_true", help="time the first call too "
                      "(kernel compilation and graph capture included)")  # fmt: skip
+    gen.add_argument(
+        "--warmup",
+        action="store_true",
+        help="first compile the kernels of "
+        "each batch and prompt bucket in worker processes (kernforge warmup)",
+    )
+    gen.add_argument("--jobs", type=int, help="with --warmup: worker processes")
     gen.set_defaults(func=_generate)
     info = sub.add_parser("info", help="device, versions, settings and registered ops")
     info.set_defaults(func=_info)
+    from .cli_model import add_commands  # compile, run, inspect (the model compiler)
+
+    add_commands(sub)
     return parser
 
 

@@ -14,6 +14,18 @@ tools that change the environment afterwards call :func:`reload`.
 - ``KERNFORGE_TUNE`` (auto | off, default auto): auto measures the candidate configs of a
   tuned kernel on the GPU the first time a shape bucket is seen and remembers the best on disk;
   off never measures (remembered choices, else each kernel's shipped default).
+- ``KERNFORGE_PRETUNED`` (0 | 1, default 1): use the configs shipped per GPU arch
+  (kernforge/tune/pretuned/<arch>.json) for shapes not tuned on this machine, so common shapes
+  tune nothing on a fresh install.
+- ``KERNFORGE_TUNE_MODEL`` (auto | on | off, default auto): prune tuning with the learned
+  performance model (kernforge.tune.model): measure only its top-k of the kernel's wide
+  candidate space. auto: when a model was trained (``kernforge tune --model train``) and
+  scikit-learn or xgboost is installed; on: also train one from the measurement store if none
+  was; off: measure each kernel's short list.
+- ``KERNFORGE_TUNE_TOPK`` (an int >= 1, default 5): candidates measured per key when pruning.
+- ``TRITON_CACHE_DIR``: Triton's compiled binaries. When unset, kernforge points it at
+  ``KERNFORGE_CACHE_DIR/triton`` (here, at import), so that ``kernforge warmup`` and
+  ``kernforge cache`` find and keep them; a value set by the user is left alone.
 """
 
 from __future__ import annotations
@@ -46,6 +58,19 @@ def _choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: s
     return raw
 
 
+def _positive(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r} is not a positive integer; use e.g. {default}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The parsed ``KERNFORGE_*`` environment. See the module docstring for the table."""
@@ -56,6 +81,9 @@ class Settings:
     cache_dir: Path = Path("~/.cache/kernforge").expanduser()
     check_indices: bool = True
     tune: str = "auto"  # "auto" | "off"
+    pretuned: bool = True
+    tune_model: str = "auto"  # "auto" | "on" | "off"
+    tune_topk: int = 5
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -69,6 +97,9 @@ class Settings:
             cache_dir=Path(cache).expanduser(),
             check_indices=_flag(env, "KERNFORGE_CHECK_INDICES", True),
             tune=_choice(env, "KERNFORGE_TUNE", ("auto", "off"), "auto"),
+            pretuned=_flag(env, "KERNFORGE_PRETUNED", True),
+            tune_model=_choice(env, "KERNFORGE_TUNE_MODEL", ("auto", "on", "off"), "auto"),
+            tune_topk=_positive(env, "KERNFORGE_TUNE_TOPK", 5),
         )
 
     def describe(self) -> dict[str, str]:
@@ -77,6 +108,28 @@ class Settings:
 
 
 settings: Settings = Settings.from_env()
+
+#: The TRITON_CACHE_DIR value kernforge set (None when the user set one or none was set yet).
+_triton_dir_set: str | None = None
+
+
+def _point_triton_cache() -> None:
+    """Point Triton's binary cache under KERNFORGE_CACHE_DIR unless the user chose a folder
+    (Triton reads the variable each time it looks up a kernel)."""
+    global _triton_dir_set
+    current = os.environ.get("TRITON_CACHE_DIR")
+    if current and current != _triton_dir_set:
+        return  # the user's choice
+    _triton_dir_set = str(settings.cache_dir / "triton")
+    os.environ["TRITON_CACHE_DIR"] = _triton_dir_set
+
+
+def triton_cache_dir() -> Path:
+    """The folder of Triton's compiled binaries (``TRITON_CACHE_DIR``; see the module doc)."""
+    return Path(os.environ.get("TRITON_CACHE_DIR") or settings.cache_dir / "triton").expanduser()
+
+
+_point_triton_cache()
 
 
 def reload(env: dict[str, str] | None = None) -> Settings:
@@ -87,4 +140,5 @@ def reload(env: dict[str, str] | None = None) -> Settings:
     """
     global settings
     settings = Settings.from_env(env)
+    _point_triton_cache()
     return settings

@@ -253,6 +253,179 @@ _add("iota", "create", 0, _iota)
 _add("constant", "create", 0, _constant)
 _add("matmul", "matmul", 2, _matmul)
 
+# -- model-level ops (the model compiler, docs/compiler.md) --------------------------------
+# Kind "weight": a parameter or buffer of the program; "catalog": an op a kernforge catalog
+# op runs; "fallback": a torch op the compiler does not cover, run by torch on the same device.
+# Optional tensor inputs follow the required ones in a fixed order, flagged by ``has_*`` attrs.
+
+
+def _attr_tensor(ins, attrs):
+    return tuple(attrs["shape"]), dtypes.check(attrs["dtype"])
+
+
+def _alias(ins, attrs):
+    ((shape, dt),) = ins
+    return shape, dt
+
+
+def _conv_out(n: int, k: int, stride: int, pad: int, dil: int, ceil: bool = False) -> int:
+    span = n + 2 * pad - dil * (k - 1) - 1
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if ceil and (out - 1) * stride >= n + pad:  # PyTorch: the last window starts inside
+        out -= 1
+    return out
+
+
+def _spatial(shape: Shape, layout: str, op: str) -> tuple[int, int, int, int]:
+    """(N, C, H, W) of a 4-d activation in ``layout`` (nchw | nhwc)."""
+    if len(shape) != 4:
+        raise ShapeError(f"{op}: expected a 4-d input, got shape {shape}")
+    if layout == "nchw":
+        return shape[0], shape[1], shape[2], shape[3]
+    if layout == "nhwc":
+        return shape[0], shape[3], shape[1], shape[2]
+    raise ShapeError(f"{op}: layout must be 'nchw' or 'nhwc', got {layout!r}")
+
+
+def _pack(layout: str, n: int, c: int, h: int, w: int) -> Shape:
+    return (n, c, h, w) if layout == "nchw" else (n, h, w, c)
+
+
+def _conv2d(ins, attrs):
+    """x, weight [, bias [C_out]] [, residual (the output's shape)]: act(conv + bias) +
+    residual. nchw weights are [O, C/g, KH, KW]; nhwc weights are [O, KH, KW, C/g]."""
+    (xs, dt), (ws, _) = ins[0], ins[1]
+    layout = attrs.get("layout", "nchw")
+    n, c, h, w = _spatial(xs, layout, "conv2d")
+    if len(ws) != 4:
+        raise ShapeError(f"conv2d: weight must be 4-d, got {ws}")
+    o, cg, kh, kw = ws if layout == "nchw" else (ws[0], ws[3], ws[1], ws[2])
+    g = attrs.get("groups", 1)
+    if cg * g != c or o % g:
+        raise ShapeError(f"conv2d: weight {ws} with groups={g} does not fit {c} input channels")
+    (sh, sw), (ph, pw), (dh, dw) = attrs["stride"], attrs["padding"], attrs["dilation"]
+    out = _pack(layout, n, o, _conv_out(h, kh, sh, ph, dh), _conv_out(w, kw, sw, pw, dw))
+    _same_dtype("conv2d", ins[:2])
+    rest = list(ins[2:])
+    if attrs.get("has_bias"):
+        bs, bdt = rest.pop(0)
+        if bs != (o,) or bdt != dt:
+            raise ShapeError(f"conv2d: bias must be {dt}[{o}], got {bdt}{list(bs)}")
+    if attrs.get("has_residual"):
+        rs, rdt = rest.pop(0)
+        if rs != out or rdt != dt:
+            raise ShapeError(f"conv2d: residual must be {dt}{list(out)}, got {rdt}{list(rs)}")
+    if rest:
+        raise ShapeError(f"conv2d: {len(rest)} inputs more than has_bias/has_residual say")
+    return out, dt
+
+
+def _pool2d(ins, attrs):
+    ((xs, dt),) = ins
+    layout = attrs.get("layout", "nchw")
+    n, c, h, w = _spatial(xs, layout, "max_pool2d")
+    (kh, kw), (sh, sw), (ph, pw) = attrs["kernel"], attrs["stride"], attrs["padding"]
+    (dh, dw), ceil = attrs.get("dilation", (1, 1)), attrs.get("ceil_mode", False)
+    oh, ow = _conv_out(h, kh, sh, ph, dh, ceil), _conv_out(w, kw, sw, pw, dw, ceil)
+    return _pack(layout, n, c, oh, ow), dt
+
+
+def _adaptive_avg_pool2d(ins, attrs):
+    ((xs, dt),) = ins
+    layout = attrs.get("layout", "nchw")
+    n, c, _, _ = _spatial(xs, layout, "adaptive_avg_pool2d")
+    oh, ow = attrs["output_size"]
+    return _pack(layout, n, c, oh, ow), dt
+
+
+def _batch_norm(ins, attrs):
+    """x [N, C, ...], weight, bias, running_mean, running_var [C] (inference)."""
+    (xs, dt), *params = ins
+    c = xs[1] if len(xs) > 1 else None
+    for s, _ in params:
+        if s != (c,):
+            raise ShapeError(f"batch_norm: parameters must be [{c}], got {s}")
+    return xs, dt
+
+
+def _linear(ins, attrs):
+    """x [..., K], weight [N, K] [, bias [N]] [, residual [..., N]]: act(x @ w.T + b) + r."""
+    (xs, dt), (ws, _) = ins[0], ins[1]
+    if len(ws) != 2 or ws[1] != xs[-1]:
+        raise ShapeError(f"linear: weight {ws} does not take inputs of shape {xs}")
+    _same_dtype("linear", ins)
+    out = (*xs[:-1], ws[0])
+    rest = list(ins[2:])
+    if attrs.get("has_bias") and rest.pop(0)[0] != (ws[0],):
+        raise ShapeError(f"linear: bias must be [{ws[0]}]")
+    if attrs.get("has_residual") and rest.pop(0)[0] != out:
+        raise ShapeError(f"linear: residual must be {out}")
+    if rest:
+        raise ShapeError("linear: more inputs than has_bias/has_residual say")
+    return out, dt
+
+
+def _norm(op: str):
+    def infer(ins, attrs):
+        (xs, dt), *params = ins
+        for s, _ in params:
+            if s != (xs[-1],):
+                raise ShapeError(f"{op}: weight/bias must be [{xs[-1]}], got {s}")
+        return xs, dt
+
+    return infer
+
+
+def _softmax(ins, attrs):
+    ((xs, dt),) = ins
+    check_axes([attrs["axis"]], len(xs), "softmax")
+    if not dtypes.is_float(dt):
+        raise DTypeError(f"softmax takes floats, got {dt}")
+    return xs, dt
+
+
+def _sdpa(ins, attrs):
+    """q [B, H, Sq, D], k, v [B, Hk, Sk, D(v)] [, mask broadcastable to [B, H, Sq, Sk]]."""
+    (qs, dt), (ks, _), (vs, _) = ins[:3]
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4 or qs[-1] != ks[-1] or ks[2] != vs[2]:
+        raise ShapeError(f"sdpa: q {qs}, k {ks}, v {vs} do not fit [B, H, S, D]")
+    if qs[1] % ks[1]:
+        raise ShapeError(f"sdpa: {ks[1]} kv heads do not divide {qs[1]} query heads")
+    _same_dtype("sdpa", ins[:3])
+    return (*qs[:3], vs[3]), dt
+
+
+def _index_copy(ins, attrs):
+    """x, index (int [n]), src: x with ``x[..., index, ...] = src`` along ``axis``."""
+    (xs, dt), (ids, idt), (ss, sdt) = ins
+    if not dtypes.is_int(idt) or sdt != dt:
+        raise DTypeError(f"index_copy: index must be integers and src {dt}, got {idt}, {sdt}")
+    return xs, dt
+
+
+def _index_put(ins, attrs):
+    """x, values, *indices (int or None-free): x with ``x[indices] = values``."""
+    (xs, dt), (_, vdt), *idx = ins
+    if vdt != dt:
+        raise DTypeError(f"index_put: values must be {dt}, got {vdt}")
+    return xs, dt
+
+
+_add("weight", "weight", 0, _attr_tensor)
+_add("alias", "view", 1, _alias)  # an identity the clean-up pass removes (clone, detach, ...)
+_add("conv2d", "catalog", None, _conv2d)
+_add("max_pool2d", "catalog", 1, _pool2d)
+_add("adaptive_avg_pool2d", "catalog", 1, _adaptive_avg_pool2d)
+_add("batch_norm", "catalog", 5, _batch_norm)
+_add("linear", "catalog", None, _linear)
+_add("layer_norm", "catalog", None, _norm("layer_norm"))
+_add("rms_norm", "catalog", None, _norm("rms_norm"))
+_add("softmax", "catalog", 1, _softmax)
+_add("sdpa", "catalog", None, _sdpa)
+_add("index_copy", "catalog", 3, _index_copy)
+_add("index_put", "catalog", None, _index_put)
+_add("fallback", "fallback", None, _attr_tensor)
+
 
 def spec(op: str) -> OpSpec:
     """The spec of ``op``, or an UnsupportedError-style KeyError naming the known ops."""

@@ -21,6 +21,7 @@ import torch
 from .. import checks, device
 from ..dispatch import register_impl
 from ..errors import ArgumentError, DTypeError, ShapeError
+from ..tune import space as tune_space
 from .attention_bwd import launch_bwd
 from .attention_fwd import launch_fwd
 from .common import new_output, op_call, triton_reason
@@ -391,21 +392,30 @@ def forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, left: int
         lse.fill_(float("inf"))
         return out, lse
     d = q.shape[-1]
-    cfg = fwd_config(d, right >= 0 or left >= 0, max(max_q, max_k))
-    if cfg.tma and not _tma_ok(q, k, v, out):
-        cfg = _no_tma(cfg)
-    if cfg.tma:
-        _ensure_allocator()
+    masked = right >= 0 or left >= 0
     strides = (
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(out, layout), *_lse_strides(lse, varlen),
     )  # fmt: skip
     cu_q_arg = cu_q if varlen else lse
     cu_k_arg = cu_k if varlen else lse
-    launch_fwd(
-        q, k, v, out, lse, cu_q_arg, cu_k_arg, strides, hq, hq // hk, batch, max_q,
-        seq_q, seq_k, left, right, scale, softcap, d, cfg, device.INTERPRET, varlen,
-    )  # fmt: skip
+
+    def run(cfg: FwdConfig) -> None:
+        if cfg.tma and not _tma_ok(q, k, v, out):
+            cfg = _no_tma(cfg)
+        if cfg.tma:
+            _ensure_allocator()
+        launch_fwd(
+            q, k, v, out, lse, cu_q_arg, cu_k_arg, strides, hq, hq // hk, batch, max_q,
+            seq_q, seq_k, left, right, scale, softcap, d, cfg, device.INTERPRET, varlen,
+        )  # fmt: skip
+
+    cfg = fwd_config(d, masked, max(max_q, max_k))
+    if not varlen and "fwd" not in _forced:
+        # The shipped table's config unless this shape was tuned (kernforge tune
+        # attention_fwd) or a trained model picks one (docs/tuning.md).
+        cfg = tune_space.attention_fwd_config(q, k, masked, layout, run, cfg)
+    run(cfg)
     return out, lse
 
 

@@ -11,6 +11,16 @@ from .config import PRESETS, ModelConfig, preset
 from .engine import LLM, GenerationOutput, GenerationStats
 from .sampling import Sampler, SamplingParams
 
+
+def warmup(llm: LLM, shapes=None, workers: int | None = None, tune: bool = False):
+    """Compile ``llm``'s prefill and decode kernels for ``shapes`` (batch x prompt tokens) in
+    worker processes and capture its first graphs; returns the report
+    (:func:`kernforge.tune.warmup.warmup_llm`)."""
+    from ..tune.warmup import warmup_llm
+
+    return warmup_llm(llm, shapes, workers, tune)
+
+
 __all__ = [
     "LLM",
     "PRESETS",
@@ -21,4 +31,5 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "preset",
+    "warmup",
 ]

@@ -82,6 +82,9 @@ class LLM:
     generation (default: the model's limit, at most 4096). ``paged``: a paged KV cache
     (``page_size`` tokens a page, ``num_pages`` in the pool) instead of a contiguous one.
     ``cuda_graphs``: capture prefill and decode as CUDA graphs (default: on the GPU).
+    ``warmup``: at load, compile the kernels of every batch and prompt bucket in worker
+    processes and capture the first graphs (:func:`kernforge.llm.warmup`); ``True`` or the
+    number of worker processes.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class LLM:
         cuda_graphs: bool | None = None,
         seed: int = 0,
         progress: bool = True,
+        warmup: bool | int = False,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -126,6 +130,12 @@ class LLM:
         self._static: dict[tuple, list[torch.Tensor]] = {}  # prefill graphs' input buffers
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._pool = None
+        self.warmup_report = None
+        if warmup is not False:
+            from ..tune.warmup import warmup_llm
+
+            workers = None if warmup is True else int(warmup)
+            self.warmup_report = warmup_llm(self, workers=workers, progress=progress)
 
     # --- cache and static buffers ---------------------------------------------------------------
 

@@ -168,7 +168,23 @@ def evaluate(node: Node, args: list[np.ndarray]) -> np.ndarray:
         return _store(data.reshape(attrs["shape"]), attrs["dtype"])
     if op == "matmul":
         return _matmul(node, *args)
+    if op == "alias":
+        return args[0]
+    if kind in ("catalog", "fallback"):
+        from .model_ops import evaluate_torch
+
+        dt = node.output.dtype
+        ts = [_to_compute_tensor(a, v.dtype) for a, v in zip(args, node.inputs, strict=True)]
+        out = evaluate_torch(node, ts)
+        return _store(out.detach().float().numpy() if out.dtype == torch.bfloat16 else out, dt)
     raise UnsupportedError(f"simulate: no evaluator for op {op!r}")
+
+
+def _to_compute_tensor(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Model-level ops run with torch on the CPU, floats in float32 (float64 stays float64):
+    the reference the kernels are checked against, rounded to the output dtype by the caller."""
+    t = torch.from_numpy(np.array(a, order="C"))
+    return t.float() if ir.is_low_precision(dtype) else t
 
 
 def _input(x: Any, v: Any) -> np.ndarray:
@@ -187,9 +203,12 @@ def _input(x: Any, v: Any) -> np.ndarray:
     return round_bf16(a) if v.dtype == "bfloat16" else a
 
 
-def run(graph: Graph, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+def run(
+    graph: Graph, inputs: Sequence[np.ndarray], weights: dict[str, Any] | None = None
+) -> list[np.ndarray]:
     """Evaluate ``graph`` on ``inputs`` (NumPy arrays, bfloat16 ones as float32; torch tensors
-    are converted), returning one new NumPy array per graph output."""
+    are converted), returning one new NumPy array per graph output. ``weights`` holds the
+    tensors of the graph's ``weight`` nodes, by name (compiled models)."""
     if len(inputs) != len(graph.inputs):
         raise ShapeError(
             f"simulate: graph {graph.name} takes {len(graph.inputs)} inputs, got {len(inputs)}"
@@ -199,6 +218,11 @@ def run(graph: Graph, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         env[id(v)] = _input(x, v)
     with np.errstate(all="ignore"):  # inf/NaN results are values here, as on the GPU
         for node in graph.nodes:
+            if node.op == "weight":
+                if weights is None or node.attrs["name"] not in weights:
+                    raise ShapeError(f"simulate: no tensor for weight {node.attrs['name']!r}")
+                env[id(node.output)] = _input(weights[node.attrs["name"]], node.output)
+                continue
             out = evaluate(node, [env[id(v)] for v in node.inputs])
             if out.shape != node.output.shape:  # an evaluator bug, not a user error
                 raise AssertionError(f"simulate {node.op}: shape {out.shape} != {node.output!r}")

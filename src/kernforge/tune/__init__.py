@@ -14,6 +14,10 @@ later process picks it without measuring. ``kernforge tune <kernel> --shapes ...
 of time with a progress bar (see :func:`register_cli`).
 """
 
-from .tuner import Tuner, bucket, entries, forcing, register_cli, tunable
+# model, space, store: the measurement store, the wide candidate spaces and the learned
+# performance model (docs/tuning.md).
+from . import model, space, store
+from .tuner import Tuner, bucket, entries, forcing, register_cli, stats, tunable
 
-__all__ = ["Tuner", "bucket", "entries", "forcing", "register_cli", "tunable"]
+__all__ = ["Tuner", "bucket", "entries", "forcing", "register_cli", "stats", "tunable"]
+__all__ += ["model", "space", "store"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -23,10 +24,15 @@ from ..fileio import write_atomic
 from ..progress import Progress
 
 #: Bumped when the on-disk entry format changes: older entries are then re-measured.
-FORMAT = 1
+#: 2: the device ident also holds the torch version and the GPU driver.
+FORMAT = 2
 
 _force = False
 _TUNERS: dict[str, Tuner] = {}
+
+#: Where :meth:`Tuner.pick`'s answers came from, counted since import: "memo", "disk",
+#: "pretuned", "measured", "default". Warm-up and the cold-start benchmark read it.
+stats: collections.Counter[str] = collections.Counter()
 
 
 def bucket(n: int) -> int:
@@ -57,12 +63,41 @@ def _plain(value: Any) -> Any:
     raise ArgumentError(f"tune keys hold ints, floats, strs, bools and dtypes; got {value!r}")
 
 
+def _driver_version() -> str:
+    """The NVIDIA kernel driver's version ("580.159"), else the CUDA driver API's, else
+    "none": a driver update can change what the JIT makes of the same PTX."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        for word in text.split():
+            if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                return word
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        version = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return f"cuda{version.value}"
+    except (OSError, AttributeError):
+        return "none"
+
+
 @functools.cache
 def _device_id() -> list[str]:
+    """[gpu name, arch, triton version, torch version, driver]: an entry measured under any
+    other ident is ignored (and dropped by ``kernforge cache prune``)."""
     import triton
 
     info = device.describe()
-    return [info.get("gpu", "none"), info.get("arch", "cpu"), triton.__version__]
+    driver = _driver_version() if device.cuda_available() else "none"
+    return [info.get("gpu", "none"), info.get("arch", "cpu"), triton.__version__,
+            torch.__version__, driver]  # fmt: skip
+
+
+def current_device_id() -> list[str]:
+    """This install's device ident (see :func:`_device_id`)."""
+    return list(_device_id())
 
 
 class Tuner:
@@ -98,21 +133,35 @@ class Tuner:
         for c in self.configs:
             if dataclasses.asdict(c) == fields:
                 return c
-        return None  # a config no longer offered: the entry is stale
+        from . import space  # a model-pruned tuning may choose from the family's wide space
+
+        return space.config_in_space(self.name, fields)  # None: stale (no longer offered)
 
     def _load(self, key: tuple) -> Any | None:
         full, _ = self._ident(key)
         try:
             entry = json.loads(self.path(key).read_text())
-            if entry["ident"] != full:
+            if not isinstance(entry, dict) or entry["ident"] != full:
                 return None
-            return self._config_of(entry["config"])
+            fields = entry["config"]
+            return self._config_of(fields) if isinstance(fields, dict) else None
         except (OSError, ValueError, KeyError, TypeError):
-            return None  # missing, truncated or foreign: measure again
+            return None  # missing, truncated, garbage or foreign: measure again
+
+    def _pretuned(self, key: tuple) -> Any | None:
+        """The shipped table's config for ``key`` on this arch (kernforge.tune.pretuned), when
+        it names this tuner version and a config still offered; else None."""
+        if not config.settings.pretuned:
+            return None
+        from . import pretuned
+
+        fields = pretuned.lookup(_device_id()[1], self.name, self.version, _plain(tuple(key)))
+        return None if fields is None else self._config_of(fields)
 
     def pick(self, key: tuple, run: Callable[[Any], object], default: Any) -> Any:
-        """The best config for ``key``: remembered, else measured with ``run`` (on a GPU, with
-        ``KERNFORGE_TUNE=auto``), else ``default``.
+        """The best config for ``key``: remembered in this process, else on disk (measured
+        here before), else in the shipped table for this arch (``KERNFORGE_PRETUNED``), else
+        measured with ``run`` (on a GPU, with ``KERNFORGE_TUNE=auto``), else ``default``.
 
         ``run(config)`` launches the kernel once on real buffers. Under the CPU interpreter,
         during CUDA-graph capture and with ``KERNFORGE_TUNE=off`` nothing is measured.
@@ -120,37 +169,66 @@ class Tuner:
         if not _force:
             hit = self._memo.get(key)
             if hit is not None:
+                stats["memo"] += 1
                 return hit
         if device.INTERPRET or not device.cuda_available():
+            stats["default"] += 1
             return default
         if not _force:
-            hit = self._load(key)
-            if hit is not None:
-                self._memo[key] = hit
-                return hit
+            for source, find in (("disk", self._load), ("pretuned", self._pretuned)):
+                hit = find(key)
+                if hit is not None:
+                    stats[source] += 1
+                    self._memo[key] = hit
+                    return hit
             if config.settings.tune == "off":
+                stats["default"] += 1
                 return default
         if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+            stats["default"] += 1
             return default  # timing would break the capture; not remembered
         best = self.measure(key, run)
+        stats["measured" if best is not None else "default"] += 1
         self._memo[key] = best if best is not None else default
         return self._memo[key]
 
     def measure(self, key: tuple, run: Callable[[Any], object]) -> Any | None:
         """Time every candidate for ``key`` with ``run`` and store the fastest (None when
-        every candidate failed to compile or launch)."""
+        every candidate failed to compile or launch).
+
+        With a trained performance model (:func:`kernforge.tune.model.plan`) the candidates
+        are the kernel's wide space in the model's order, and only the first
+        ``KERNFORGE_TUNE_TOPK`` that run are measured. Every timing is appended to the
+        measurement store (:mod:`kernforge.tune.store`)."""
+        from . import model as _model
+        from . import store as _store
+
         timings: list[tuple[Any, float | None, str]] = []
         shown = ", ".join(map(str, key))
-        note = f"measuring {len(self.configs)} configs (once per shape bucket; remembered on disk)"
+        plan = _model.plan(self.name, key)
+        candidates = plan.candidates if plan is not None else self.configs
+        want = plan.k if plan is not None else len(candidates)
+        if plan is not None:
+            note = (f"measuring {want} of {plan.total} configs (the performance model's top "
+                    f"{want}; once per shape bucket; remembered on disk)")  # fmt: skip
+        else:
+            note = f"measuring {want} of {want} configs (once per shape bucket; remembered on disk)"
         print(f"kernforge.tune: {self.name} ({shown}): {note}", file=sys.stderr, flush=True)
-        with Progress(len(self.configs), f"tune {self.name}") as bar:
-            for cfg in self.configs:
+        with Progress(want, f"tune {self.name}") as bar:
+            for cfg in candidates:
+                # Pruned: stop once ``want`` ran (a failure takes the next candidate, at most
+                # 2 * want tries).
+                if plan is not None and (
+                    sum(ms is not None for _, ms, _ in timings) >= want or len(timings) >= 2 * want
+                ):
+                    break
                 try:
                     ms = _time(run, cfg)
                     timings.append((cfg, ms, ""))
                 except Exception as exc:  # noqa: BLE001  (any failure rules the config out)
                     timings.append((cfg, None, f"{type(exc).__name__}: {exc}"[:200]))
                 bar.step(f"{cfg}"[:60])
+        _store.record_tuning(self, key, timings)
         ok = [(ms, i) for i, (_, ms, _) in enumerate(timings) if ms is not None]
         if not ok:
             print(f"kernforge.tune: {self.name}: every config failed ({timings[0][2]})",
@@ -233,7 +311,9 @@ def entries(name: str | None = None) -> list[dict]:
     for path in sorted(root.glob(f"{name or '*'}/*.json")):
         try:
             entry = json.loads(path.read_text())
-            found.append({"kernel": path.parent.name, "path": str(path), **entry})
         except (OSError, ValueError):
             continue
+        # Only tuner entries: tune/models/*.json (learned models) share the folder.
+        if isinstance(entry, dict) and isinstance(entry.get("ident"), list) and "config" in entry:
+            found.append({"kernel": path.parent.name, "path": str(path), **entry})
     return sorted(found, key=lambda e: e.get("when", ""), reverse=True)
