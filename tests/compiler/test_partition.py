@@ -127,7 +127,7 @@ def test_codegen_fallback_runs_ir_with_torch():
     the NumPy reference."""
     from kernforge.ir import Graph
     from kernforge.runtime import simulate
-    from kernforge.runtime.model import _simulated
+    from kernforge.runtime.model import _op_by_op
 
     g = Graph("g")
     x = g.input((3, 4), "bfloat16", "x")
@@ -139,7 +139,7 @@ def test_codegen_fallback_runs_ir_with_torch():
     c = g.add("concat", [g.add("broadcast_to", [s], shape=(3, 4)), h], axis=1)
     g.set_outputs([g.add("cast", [g.add("tanh", [c])], dtype="bfloat16"), t])
     xs = [torch.randn(3, 4).bfloat16(), torch.tensor([3, 1])]
-    got = _simulated(g, RuntimeError("test"))(xs)
+    got = _op_by_op(g, RuntimeError("test"))(xs)
     want = simulate.run(g, xs)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.float(), torch.from_numpy(b).float(), rtol=1e-2, atol=1e-2)

@@ -255,7 +255,7 @@ class Program:
             lowered = lower(g, [contiguous_strides(v.shape) for v in g.inputs], interpret)
             prog = JitProgram(g, lowered, interpret)
         except Exception as e:  # noqa: BLE001 (a codegen gap must not stop the model)
-            return _Compiled(s, _simulated(g, e), _SIM, reads, writes, 0)
+            return _Compiled(s, _op_by_op(g, e), _OP_BY_OP, reads, writes, 0)
         state: dict = {}
 
         def run(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -267,7 +267,7 @@ class Program:
             try:  # the first launch compiles; a codegen bug shows here
                 out = prog.run(xs)
             except Exception as e:  # noqa: BLE001
-                state["fallback"] = _simulated(g, e)
+                state["fallback"] = _op_by_op(g, e)
                 self.meta.setdefault("notes", []).append(
                     f"step {name}: generated kernel failed ({type(e).__name__}: "
                     f"{str(e)[:120]}); runs op by op with torch"
@@ -521,10 +521,10 @@ class Program:
         )
 
 
-_SIM = "torch, op by op (codegen fallback)"
+_OP_BY_OP = "torch, op by op (codegen fallback)"
 
 
-def _simulated(g: Graph, err: Exception):
+def _op_by_op(g: Graph, err: Exception):
     """A fused step that the code generator could not handle, run op by op with torch on the
     step's device (one kernel per op, but capturable in the CUDA graph): a stop-gap that keeps
     the model running; describe() notes it."""
