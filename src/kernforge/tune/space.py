@@ -396,6 +396,10 @@ def _all_spaces(fam: Family) -> list:
 _attention_tuner: list = []
 
 
+#: Attention keys found untuned in this process (no entry on disk, no model): the table's config.
+_untuned: set[tuple] = set()
+
+
 def attention_fwd_tuner():
     """The attention forward's Tuner: its short list is the shipped table's configs (what
     ``kernforge tune attention_fwd`` measures without a model), its wide space
@@ -428,10 +432,13 @@ def attention_fwd_config(q, k, masked: bool, layout: str, run: Callable[[Any], o
     key = attention_key(b, hq, hk, sq, sk, q.shape[-1], masked, str(q.dtype))
     t = attention_fwd_tuner()
     if tuner._force:
+        _untuned.discard(key)
         return t.pick(key, run, default)
     hit = t._memo.get(key)
     if hit is not None:
         return hit
+    if key in _untuned:  # looked up before in this process: nothing on disk, no model
+        return default
     hit = t._load(key)
     if hit is not None:
         t._memo[key] = hit
@@ -439,6 +446,7 @@ def attention_fwd_config(q, k, masked: bool, layout: str, run: Callable[[Any], o
     arch = device.arch() or "cpu"
     if config.settings.tune_model != "off" and model.model_path("attention_fwd", arch).exists():
         return t.pick(key, run, default)
+    _untuned.add(key)  # every later call of this shape skips the file lookups
     return default
 
 
