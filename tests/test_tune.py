@@ -8,25 +8,14 @@ on the CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
-import triton.testing
 
 from kernforge import cli, config, device, tune
 from kernforge.errors import ArgumentError
 from kernforge.tune import tuner as tuner_mod
-
-
-@dataclass(frozen=True)
-class Cfg:
-    block: int
-    warps: int = 4
-
-
-CONFIGS = [Cfg(32), Cfg(64), Cfg(128), Cfg(256, 8)]
-COST = {Cfg(32): 3.0, Cfg(64): 1.5, Cfg(128): 2.0, Cfg(256, 8): 9.0}
+from tests.tune.fakes import CONFIGS, COST, Cfg, fake_gpu
 
 
 @pytest.fixture
@@ -34,29 +23,7 @@ def gpu(monkeypatch, tmp_path):
     """Pretend to be on a GPU; do_bench returns the config's COST; calls are counted."""
     monkeypatch.setenv("KERNFORGE_CACHE_DIR", str(tmp_path))
     config.reload()
-    monkeypatch.setattr(device, "INTERPRET", False)
-    monkeypatch.setattr(device, "cuda_available", lambda: True)
-    monkeypatch.setattr(tuner_mod, "_device_id", lambda: ["FakeGPU", "sm_90", "3.6.0"])
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    calls: list[Cfg] = []
-    current: list[Cfg] = []
-
-    def run_factory(fail=()):
-        def run(cfg):
-            if cfg in fail:
-                raise RuntimeError("out of shared memory")
-            calls.append(cfg)
-            current[:] = [cfg]
-
-        return run
-
-    def fake_bench(fn, warmup, rep, return_mode):
-        fn()
-        return COST[current[0]]
-
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
-    yield run_factory, calls
+    yield fake_gpu(monkeypatch, ["FakeGPU", "sm_90", "3.6.0"], COST.__getitem__)
     monkeypatch.delenv("KERNFORGE_CACHE_DIR")
     config.reload()
 

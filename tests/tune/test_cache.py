@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-import triton.testing
 
-from kernforge import cli, config, device, tune
+from kernforge import cli, config, tune
 from kernforge.cuda import cache as cubins
 from kernforge.tune import cache
 from kernforge.tune import tuner as tuner_mod
+from tests.tune.fakes import fake_gpu
 
 
 @dataclass(frozen=True)
@@ -37,24 +36,8 @@ def kfcache(monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     monkeypatch.setenv("KERNFORGE_CACHE_DIR", str(tmp_path / "kf"))
     config.reload()
-    monkeypatch.setattr(device, "INTERPRET", False)
-    monkeypatch.setattr(device, "cuda_available", lambda: True)
-    monkeypatch.setattr(tuner_mod, "_device_id", lambda: list(DEV))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    current: list[Cfg] = []
-    calls: list[Cfg] = []
-
-    def run(cfg):
-        calls.append(cfg)
-        current[:] = [cfg]
-
-    def bench(fn, warmup, rep, return_mode):
-        fn()
-        return float(current[0].block)
-
-    monkeypatch.setattr(triton.testing, "do_bench", bench)
-    yield tmp_path / "kf", run, calls
+    run_factory, calls = fake_gpu(monkeypatch, DEV, lambda c: float(c.block))
+    yield tmp_path / "kf", run_factory(), calls
     monkeypatch.delenv("KERNFORGE_CACHE_DIR")
     config.reload()
 

@@ -7,25 +7,15 @@ config's "time" is a number) so the bookkeeping runs on the CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
-import triton.testing
 
 from kernforge import cli, config, device, tune
 from kernforge.tune import pretuned
 from kernforge.tune import tuner as tuner_mod
+from tests.tune.fakes import CONFIGS, COST, Cfg, fake_gpu
 
-
-@dataclass(frozen=True)
-class Cfg:
-    block: int
-    warps: int = 4
-
-
-CONFIGS = [Cfg(32), Cfg(64), Cfg(128), Cfg(256, 8)]
-COST = {Cfg(32): 3.0, Cfg(64): 1.5, Cfg(128): 2.0, Cfg(256, 8): 9.0}
 DEV = ["FakeGPU", "sm_90", "3.6.0", "2.11.0", "580.1"]
 
 
@@ -38,24 +28,8 @@ def gpu(monkeypatch, tmp_path):
     tables.mkdir()
     monkeypatch.setattr(pretuned, "TABLE_DIR", tables)
     pretuned.clear_memo()
-    monkeypatch.setattr(device, "INTERPRET", False)
-    monkeypatch.setattr(device, "cuda_available", lambda: True)
-    monkeypatch.setattr(tuner_mod, "_device_id", lambda: list(DEV))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    calls: list[Cfg] = []
-    current: list[Cfg] = []
-
-    def run(cfg):
-        calls.append(cfg)
-        current[:] = [cfg]
-
-    def fake_bench(fn, warmup, rep, return_mode):
-        fn()
-        return COST[current[0]]
-
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
-    yield run, calls, tables
+    run_factory, calls = fake_gpu(monkeypatch, DEV, COST.__getitem__)
+    yield run_factory(), calls, tables
     monkeypatch.delenv("KERNFORGE_CACHE_DIR")
     config.reload()
     pretuned.clear_memo()
