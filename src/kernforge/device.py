@@ -49,6 +49,28 @@ if INTERPRET:
 
 
 @functools.cache
+def require_triton_mode(interpret: bool, what: str, others: str) -> None:
+    """Raise DeviceError when ``what`` asks for Triton's interpreter (``interpret``) in a
+    process that compiles Triton for the GPU, or the other way round: Triton's own library
+    (tl.sum, tl.sigmoid, ...) is compiled or interpreted for the whole process, decided when
+    triton.language is first imported. ``others`` names the modes to use instead."""
+    if interpret and not INTERPRET:
+        from .errors import DeviceError
+
+        raise DeviceError(
+            f"{what} mode='interpret' needs Triton's interpreter for the whole process; on a GPU "
+            f"machine start Python with KERNFORGE_INTERPRET=1 (or TRITON_INTERPRET=1), or use "
+            f"{others}"
+        )
+    if not interpret and INTERPRET:
+        from .errors import DeviceError
+
+        raise DeviceError(
+            f"{what} mode='gpu' needs a CUDA GPU that Triton compiles for; this process runs "
+            f"Triton in its interpreter: use {others}"
+        )
+
+
 def capability(index: int = 0) -> tuple[int, int] | None:
     """Compute capability ``(major, minor)`` of CUDA device ``index``, or None without CUDA."""
     if not cuda_available():

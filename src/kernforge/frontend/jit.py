@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import device
-from ..errors import ArgumentError, DeviceError
+from ..errors import ArgumentError
 from .dtypes import to_torch
 from .trace import Leaf, Traced, bind, is_array, trace, trace_bound
 
@@ -173,19 +173,8 @@ class JitFunction:
         entry.single = isinstance(traced.out_tree.skeleton, Leaf)
         if mode in ("interpret", "gpu"):
             interpret = mode == "interpret"
-            if not interpret and device.INTERPRET:
-                raise DeviceError(
-                    "kf.jit mode='gpu' needs a CUDA GPU that Triton compiles for; this process "
-                    "runs Triton in its interpreter: use mode='interpret'"
-                )
-            if interpret and not device.INTERPRET:
-                # Triton's own library (tl.sum, tl.sigmoid, ...) is compiled or interpreted
-                # for the whole process, decided when triton.language is first imported.
-                raise DeviceError(
-                    "kf.jit mode='interpret' needs Triton's interpreter for the whole process; "
-                    "on a GPU machine start Python with KERNFORGE_INTERPRET=1 (or "
-                    "TRITON_INTERPRET=1), or use mode='gpu'"
-                )
+            other = "mode='gpu'" if interpret else "mode='interpret'"
+            device.require_triton_mode(interpret, "kf.jit", other)
             tensors, _ = _to_target(bound.arrays, mode)
             strides = [tuple(t.stride()) for t in tensors]
             entry.program = JitProgram(graph, lower(graph, strides, interpret), interpret)

@@ -219,16 +219,8 @@ class Program:
         from .model_ops import catalog_step
 
         interpret = mode == "interpret"
-        if interpret and not device.INTERPRET:
-            raise DeviceError(
-                "Program mode 'interpret' needs Triton's interpreter for the whole process; "
-                "start Python with KERNFORGE_INTERPRET=1, or use mode='gpu' / 'numpy'"
-            )
-        if not interpret and device.INTERPRET:
-            raise DeviceError(
-                "Program mode 'gpu' needs a CUDA GPU that Triton compiles for; this process "
-                "interprets Triton: use mode='interpret' or 'numpy'"
-            )
+        other = "mode='gpu' or 'numpy'" if interpret else "mode='interpret' or 'numpy'"
+        device.require_triton_mode(interpret, "Program", other)
         slot = self._slots()
         out: list[_Compiled] = []
         for i, s in enumerate(self.steps):
