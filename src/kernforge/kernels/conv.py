@@ -57,6 +57,16 @@ FLAT_K_MAX_C = 16
 
 
 @triton.jit
+def _pixel(p, OH, OW):
+    """Output pixel index (image-major, then row, then column) -> (image, row, column)."""
+    pix = OH * OW
+    img = p // pix
+    rem = p - img * pix
+    oh = rem // OW
+    return img, oh, rem - oh * OW
+
+
+@triton.jit
 def _conv_kernel(
     x_ptr, w_ptr, w_desc, out_ptr, bias_ptr, res_ptr,
     M, O, C, H, W, OH, OW, KW, K_TOTAL, W_STRIDE,
@@ -78,11 +88,7 @@ def _conv_kernel(
     valid_m = offs_m < M
     m = tl.where(valid_m, offs_m, 0)
     # Output pixel -> (image, top-left input row and column of its window).
-    pix = OH * OW
-    img = m // pix
-    rem = m - img * pix
-    oh = rem // OW
-    ow = rem - oh * OW
+    img, oh, ow = _pixel(m, OH, OW)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_img = x_ptr + img.to(tl.int64) * H * W * C
@@ -175,11 +181,7 @@ def _pool_kernel(
     p_ok = offs_p < P
     c_ok = offs_c < C
     p = tl.where(p_ok, offs_p, 0)
-    pix = OH * OW
-    img = p // pix
-    rem = p - img * pix
-    oh = rem // OW
-    ow = rem - oh * OW
+    img, oh, ow = _pixel(p, OH, OW)
     if ADAPTIVE:
         h0 = (oh * H) // OH
         h1 = ((oh + 1) * H + OH - 1) // OH
