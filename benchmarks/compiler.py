@@ -75,6 +75,19 @@ def _model(name: str):
     return randomize_bn(getattr(torchvision.models, name)(weights=None)).eval().cuda()
 
 
+def _race_torch_compile(row: dict, key: str, eager, xc, batch: int, **options) -> None:
+    """``torch.compile(eager, **options)``: its compile time, median ms and img/s into
+    ``row[key + "_s" | "_ms" | "_img_s"]``."""
+    t = time.perf_counter()
+    comp = torch.compile(eager, **options)
+    with torch.no_grad():
+        comp(xc)
+        torch.cuda.synchronize()
+        row[f"{key}_s"] = time.perf_counter() - t
+        ms = _time(lambda: comp(xc))
+    row[f"{key}_ms"], row[f"{key}_img_s"] = ms, batch / ms * 1e3
+
+
 def bench_model(name: str, batch: int, do_compile: bool, max_autotune: bool = False) -> dict:
     import kernforge
 
@@ -115,27 +128,12 @@ def bench_model(name: str, batch: int, do_compile: bool, max_autotune: bool = Fa
     row["pearson_vs_eager"] = float(torch.corrcoef(torch.stack([o.flatten(), r.flatten()]))[0, 1])
     row["top1_agree"] = float((o.argmax(-1) == r.argmax(-1)).float().mean())
     if do_compile:
-        t = time.perf_counter()
-        comp = torch.compile(eager)
-        with torch.no_grad():
-            comp(xc)
-            torch.cuda.synchronize()
-            row["torch_compile_default_s"] = time.perf_counter() - t
-            ms = _time(lambda: comp(xc))
-        row["torch_compile_default_ms"] = ms
-        row["torch_compile_default_img_s"] = batch / ms * 1e3
+        _race_torch_compile(row, "torch_compile_default", eager, xc, batch)
     if max_autotune:  # the issue's reference, measured in this run (minutes of autotuning)
         torch._dynamo.reset()
-        t = time.perf_counter()
-        comp = torch.compile(eager, mode="max-autotune-no-cudagraphs")
-        with torch.no_grad():
-            comp(xc)
-            torch.cuda.synchronize()
-            row["torch_compile_max_autotune_s"] = time.perf_counter() - t
-            ms = _time(lambda: comp(xc))
-        row["torch_compile_max_autotune_ms"] = ms
-        row["torch_compile_max_autotune_img_s"] = batch / ms * 1e3
-        row["ratio_vs_max_autotune"] = row["ours_img_s"] / row["torch_compile_max_autotune_img_s"]
+        key = "torch_compile_max_autotune"
+        _race_torch_compile(row, key, eager, xc, batch, mode="max-autotune-no-cudagraphs")
+        row["ratio_vs_max_autotune"] = row["ours_img_s"] / row[f"{key}_img_s"]
     row["quoted"] = QUOTED.get(name, {})
     q = row["quoted"].get("torch_compile_max_autotune_img_s")
     if q:
