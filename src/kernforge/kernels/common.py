@@ -31,15 +31,16 @@ def dependent_launches(enabled: bool = True) -> Iterator[None]:
     L2). A no-op before sm_90 and under the interpreter."""
     global _pdl
     before = _pdl
-    _pdl = enabled and not device.INTERPRET and device.cuda_available() and _sm90()
+    _pdl = (
+        enabled
+        and not device.INTERPRET
+        and device.cuda_available()
+        and device.capability(torch.cuda.current_device())[0] >= 9
+    )
     try:
         yield
     finally:
         _pdl = before
-
-
-def _sm90() -> bool:
-    return torch.cuda.get_device_capability()[0] >= 9
 
 
 @triton.jit
