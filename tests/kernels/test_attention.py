@@ -232,6 +232,42 @@ def test_fmha_varlen_variants(variant):
         run_varlen([3, 0, 1, 70], [5, 2, 0, 66], 2, 1, 64, BF16, causal=True)
 
 
+def _tile_cost(lq: int, lk: int, j: int, block: int, left: int, right: int) -> int:
+    diag = lk - lq
+    hi = lk if right < 0 else min(lk, max((j + 1) * block + diag, 0))
+    lo = 0 if left < 0 else min(max(j * block + diag - left, 0), hi)
+    return hi - lo + 1
+
+
+@pytest.mark.parametrize("left,right", [(-1, -1), (-1, 0), (20, 0)])
+def test_varlen_tiles_costliest_first(left, right):
+    """The packed batch's tile table: every (sequence, query block) with rows exactly once,
+    costs never increasing, -1 past the real tiles."""
+    from kernforge.kernels.attention_fwd import varlen_tiles
+
+    lens_q, lens_k, block = [5, 0, 70, 33, 1], [9, 4, 70, 40, 0], 16
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q, cu_k = cu_q.to(DEVICE), cu_k.to(DEVICE)
+    tiles, count = varlen_tiles(cu_q, cu_k, 5, 70, sum(lens_q), block, left, right)
+    got = tiles.tolist()
+    assert count == len(got) == 12  # min(5 x 5 pairs, ceil(109 / 16) + 5)
+    real = [(t >> 16, t & 0xFFFF) for t in got if t >= 0]
+    want = {(b, j) for b, n in enumerate(lens_q) for j in range(-(-n // block))}
+    assert sorted(real) == sorted(want) and len(real) == len(want)
+    assert all(t < 0 for t in got[len(real) :])
+    costs = [_tile_cost(lens_q[b], lens_k[b], j, block, left, right) for b, j in real]
+    assert costs == sorted(costs, reverse=True)
+
+
+def test_fmha_varlen_unscheduled_grid(monkeypatch):
+    """A packed batch with more tiles than one program sorts runs the two-dimensional grid."""
+    from kernforge.kernels import attention_fwd
+
+    monkeypatch.setattr(attention_fwd, "MAX_SCHEDULED_TILES", 0)
+    run_varlen([3, 0, 1, 70], [5, 2, 0, 66], 2, 1, 64, BF16, causal=True)
+
+
 def test_fmha_varlen_matches_dense():
     """One varlen batch of equal lengths is the dense call."""
     q, k, v = rand((2, 9, 2, 64), F16), rand((2, 9, 2, 64), F16), rand((2, 9, 2, 64), F16)

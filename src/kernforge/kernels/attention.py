@@ -105,6 +105,16 @@ BWD_CONFIGS: dict[tuple, BwdConfig] = {
 }
 
 
+#: Packed (varlen) batches by (padded head dim, causal-or-windowed), where they differ from the
+#: dense table: measured on an H100 on the issue's mix of ten lengths (16k tokens, 16 heads,
+#: bf16, tiles scheduled costliest first; benchmarks/results/attention.md). Short sequences
+#: make short programs, and two 64-row programs per SM hide each other's set-up and write-back.
+VARLEN_FWD_CONFIGS: dict[tuple, FwdConfig] = {
+    (128, False): _F(64, 64, 4, 3, tma=True),
+    (128, True): _F(128, 128, 8, 3),
+}
+
+
 def seq_bucket(seq: int) -> int:
     """The :data:`SEQ_BUCKETS` entry nearest ``seq`` (in log scale)."""
     return 1024 if seq <= 2048 else 4096 if seq <= 8192 else 16384
@@ -411,6 +421,8 @@ def forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, left: int
         )  # fmt: skip
 
     cfg = fwd_config(d, masked, max(max_q, max_k))
+    if varlen and "fwd" not in _forced and not device.INTERPRET:
+        cfg = VARLEN_FWD_CONFIGS.get((max(64, _block_d(d)), masked), cfg)
     if not varlen and "fwd" not in _forced:
         # The shipped table's config unless this shape was tuned (kernforge tune
         # attention_fwd) or a trained model picks one (docs/tuning.md).

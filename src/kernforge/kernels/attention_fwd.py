@@ -191,15 +191,27 @@ def fmha_fwd_kernel(
     SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, IS_VARLEN: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
     REVERSE: tl.constexpr, EVEN_N: tl.constexpr, POS_SCALE: tl.constexpr,
+    TILES=None, SCHED: tl.constexpr = False,
 ):  # fmt: skip
     """One program: BLOCK_M queries of one (sequence, q head). EVEN_N: no key block needs a
-    mask (dense, no causal/window, seq_k a multiple of BLOCK_N)."""
-    pid_m = tl.program_id(0)
-    if REVERSE:  # causal: the longest rows first, so the short ones fill the last wave
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
+    mask (dense, no causal/window, seq_k a multiple of BLOCK_N). SCHED (packed batches): the
+    grid is one dimension, (tile rank, q head) with the head fastest, and the tile of a rank
+    comes from ``TILES`` (:func:`varlen_tiles_kernel`: the costliest first, -1 past the end)."""
+    if SCHED:
+        rank = tl.program_id(0) // HQ
+        h = tl.program_id(0) % HQ
+        tile = tl.load(TILES + rank)
+        if tile < 0:
+            return
+        b = tile >> 16
+        pid_m = tile & 0xFFFF
+    else:
+        pid_m = tl.program_id(0)
+        if REVERSE:  # causal: the longest rows first, so the short ones fill the last wave
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        bh = tl.program_id(1)
+        b = bh // HQ
+        h = bh % HQ
     hk = h // GROUP
     q_start, seqlen_q = seq_span(CU_Q, b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = seq_span(CU_K, b, SEQ_K, IS_VARLEN)
@@ -296,15 +308,85 @@ def fmha_fwd_kernel(
         tl.store(o_base + offs_m.to(tl.int64)[:, None] * s_os + offs_d[None, :], out, mask=qmask)
 
 
+@triton.jit(do_not_specialize=["BATCH", "MAX_BLOCKS", "N_OUT", "LEFT"])
+def varlen_tiles_kernel(CU_Q, CU_K, TILES, BATCH, MAX_BLOCKS, N_OUT, LEFT,
+                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, SIZE: tl.constexpr):  # fmt: skip
+    """The query tiles of a packed batch, costliest first: ``TILES[r]`` = (sequence << 16) |
+    query block, for ranks r < N_OUT; -1 where no tile is left. A tile's cost is the keys it
+    streams (its sequence's, cut by the causal diagonal or the window), so the long tiles start
+    in the first wave and the short ones fill the last (longest-processing-time-first), and no
+    program is launched for the empty blocks past a short sequence's end."""
+    idx = tl.arange(0, SIZE)
+    b = idx // MAX_BLOCKS
+    j = idx % MAX_BLOCKS
+    inb = b < BATCH
+    q0 = tl.load(CU_Q + b, mask=inb, other=0)
+    q1 = tl.load(CU_Q + b + 1, mask=inb, other=0)
+    k0 = tl.load(CU_K + b, mask=inb, other=0)
+    k1 = tl.load(CU_K + b + 1, mask=inb, other=0)
+    seqlen_q = q1 - q0
+    seqlen_k = k1 - k0
+    valid = inb & (j * BLOCK_M < seqlen_q)
+    diag = seqlen_k - seqlen_q
+    hi = seqlen_k
+    if HAS_RIGHT:  # causal: the block's last row sees keys up to its diagonal
+        hi = tl.minimum(hi, tl.maximum((j + 1) * BLOCK_M + diag, 0))
+    lo = hi * 0
+    if HAS_LEFT:
+        lo = tl.minimum(tl.maximum(j * BLOCK_M + diag - LEFT, 0), hi)
+    cost = (hi - lo).to(tl.int64) + 1  # + 1: a tile that sees no key still runs
+    key = tl.where(valid, (cost << 24) | idx.to(tl.int64), -1)
+    key = tl.sort(key, descending=True)
+    pos = (key & 0xFFFFFF).to(tl.int32)
+    tile = tl.where(key >= 0, ((pos // MAX_BLOCKS) << 16) | (pos % MAX_BLOCKS), -1)
+    tl.store(TILES + idx, tile, mask=idx < N_OUT)
+
+
+#: Most (sequence, query block) pairs :func:`varlen_tiles_kernel` sorts in its one program;
+#: larger packed batches take the two-dimensional grid.
+MAX_SCHEDULED_TILES = 4096
+
+
+def varlen_tiles(cu_q, cu_k, batch: int, max_q: int, total_q: int, block_m: int, left: int,
+                 right: int):  # fmt: skip
+    """``(tiles, count)``: the device table of :func:`varlen_tiles_kernel` for a packed batch
+    (no host sync: its length bounds the real tiles, sum(ceil(len / block_m)) <= total / block_m
+    + batch), or None when the batch has too many tiles to sort in one program."""
+    import torch
+
+    max_blocks = triton.cdiv(max_q, block_m)
+    pairs = batch * max_blocks
+    if pairs > MAX_SCHEDULED_TILES or pairs >= 1 << 24 or max_blocks >= 1 << 16:
+        return None
+    count = min(pairs, triton.cdiv(total_q, block_m) + batch)
+    tiles = torch.empty(count, dtype=torch.int32, device=cu_q.device)
+    varlen_tiles_kernel[(1,)](
+        cu_q, cu_k, tiles, batch, max_blocks, count, max(left, 0),
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, BLOCK_M=block_m,
+        SIZE=max(16, triton.next_power_of_2(pairs)),
+    )  # fmt: skip
+    return tiles, count
+
+
 def launch_fwd(
     q, k, v, o, lse, cu_q, cu_k, strides, hq: int, group: int, batch: int, max_q: int,
     seq_q: int, seq_k: int, left: int, right: int, scale: float, softcap: float,
     head_dim: int, cfg, interpret: bool, varlen: bool,
 ) -> None:  # fmt: skip
-    """Launch :func:`fmha_fwd_kernel` (``strides``: the 20 strides it takes, in order)."""
+    """Launch :func:`fmha_fwd_kernel` (``strides``: the 20 strides it takes, in order). A
+    packed batch runs its tiles costliest first (:func:`varlen_tiles`) unless the config is
+    warp-specialized (whose programs cannot exit early) or the batch has too many tiles."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     cap = softcap if softcap > 0 else 1.0
     grid = (triton.cdiv(max_q, cfg.block_m), batch * hq)
+    sched = None
+    if varlen and not cfg.warp_spec:
+        sched = varlen_tiles(cu_q, cu_k, batch, max_q, q.shape[0], cfg.block_m, left, right)
+    tiles = None
+    if sched is not None:
+        tiles, count = sched
+        grid = (count * hq,)
     fmha_fwd_kernel[grid](
         q, k, v, o, lse, cu_q, cu_k, *strides,
         hq, group, seq_q, seq_k, max(left, 0), max(right, 0),
@@ -314,6 +396,6 @@ def launch_fwd(
         FAST_TANH=not interpret, IS_VARLEN=varlen, USE_TMA=cfg.tma, WARP_SPEC=cfg.warp_spec,
         UPCAST=interpret, REVERSE=right >= 0,
         EVEN_N=not varlen and left < 0 and right < 0 and seq_k % cfg.block_n == 0,
-        POS_SCALE=scale > 0,
+        POS_SCALE=scale > 0, TILES=tiles, SCHED=tiles is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
