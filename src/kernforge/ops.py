@@ -14,7 +14,7 @@ import torch
 
 from . import checks
 from .dispatch import dispatch
-from .errors import ArgumentError, DTypeError, ShapeError
+from .errors import ArgumentError, DeviceError, DTypeError, ShapeError
 
 
 def _dim(op: str, x: torch.Tensor, dim: int) -> int:
@@ -225,6 +225,7 @@ def matmul(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ):
     """``act(a @ b + bias) + residual`` with the epilogue fused into the GEMM.
 
@@ -234,6 +235,10 @@ def matmul(
     None. Returns [..., M, N] in a's dtype. The Triton GEMM takes float16 and bfloat16 (fp32
     accumulation), any sizes and strides (transposed views are read in place); other dtypes
     run on torch. Differentiable in a, b, bias and residual.
+
+    ``out``: a preallocated contiguous tensor of the output's shape, dtype and device that the
+    result is written into (the Triton GEMM stores into it directly; the torch path copies);
+    returns ``out``. It must not overlap the inputs, and takes no autograd.
     """
     op = "matmul"
     checks.tensor(op, "a", a)
@@ -264,6 +269,8 @@ def matmul(
         checks.shape(op, "residual", residual, out_shape, "must match the output [..., M, N]")
     checks.same_dtype(op, a=a, b=b, bias=bias, residual=residual)
     checks.same_device(op, a=a, b=b, bias=bias, residual=residual)
+    if out is not None:
+        _check_out(op, out, out_shape, a, a, b, bias, residual)
 
 
 @dispatch("bmm")
@@ -905,6 +912,37 @@ def _pair_arg(op: str, name: str, v, least: int) -> tuple[int, int]:
     return int(t[0]), int(t[1])
 
 
+def _check_out(op: str, out, shape: tuple, like: torch.Tensor, *inputs,
+               channels_last: bool = False) -> None:  # fmt: skip
+    """``out=`` must be a tensor of ``shape`` in ``like``'s dtype and device, contiguous
+    (channels-last for the NCHW convolution and pools), and no autograd may be wanted."""
+    checks.tensor(op, "out", out, min_dim=0)
+    if tuple(out.shape) != tuple(shape):
+        raise ShapeError(
+            f"{op}: out has shape {tuple(out.shape)}, expected the output's {tuple(shape)}"
+        )
+    if out.dtype != like.dtype:
+        raise DTypeError(f"{op}: out is {out.dtype}; the output is {like.dtype} (the inputs')")
+    if out.device != like.device:
+        raise DeviceError(f"{op}: out is on {out.device}, the inputs on {like.device}")
+    dense = out.permute(0, 2, 3, 1).is_contiguous() if channels_last else out.is_contiguous()
+    if not dense:
+        fmt = "channels-last contiguous" if channels_last else "contiguous"
+        how = (
+            "x.contiguous(memory_format=torch.channels_last)" if channels_last
+            else "torch.empty(shape) or .contiguous()"
+        )  # fmt: skip
+        raise ArgumentError(
+            f"{op}: out must be {fmt} (strides {out.stride()} for shape {tuple(out.shape)}); "
+            f"allocate it as {how}"
+        )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ArgumentError(
+            f"{op}: out= takes no autograd (an input requires grad); call without out=, or "
+            "under torch.no_grad()"
+        )
+
+
 def _nchw(op: str, name: str, x: torch.Tensor) -> None:
     checks.tensor(op, name, x)
     checks.floating(op, name, x)
@@ -928,6 +966,7 @@ def conv2d(
     groups: int = 1,
     activation: str | None = None,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ):
     """``act(conv2d(x, weight) + bias + residual)``: the convolution with its epilogue fused.
 
@@ -939,6 +978,12 @@ def conv2d(
     accumulation, groups=1, forward only) reads channels-last x and writes a channels-last
     output; a weight packed with ``kernels.conv.pack_conv_weight`` is read in place. Other
     dtypes, groups > 1 and calls that need a gradient run on torch.
+
+    ``out``: a preallocated [N, O, OH, OW] tensor in x's dtype and device, channels-last
+    contiguous (``torch.empty(...).to(memory_format=torch.channels_last)``, or an NHWC buffer
+    permuted with ``.permute(0, 3, 1, 2)``), that the result is written into (the Triton kernel
+    stores into it directly; other routes copy); returns ``out``. It must not overlap the
+    inputs, and takes no autograd.
     """
     op = "conv2d"
     _nchw(op, "x", x)
@@ -985,13 +1030,18 @@ def conv2d(
         checks.shape(op, "residual", residual, (x.shape[0], o, oh, ow), "the output's shape")
     checks.same_dtype(op, x=x, weight=weight, bias=bias, residual=residual)
     checks.same_device(op, x=x, weight=weight, bias=bias, residual=residual)
+    if out is not None:
+        shape = (x.shape[0], o, oh, ow)
+        _check_out(op, out, shape, x, x, weight, bias, residual, channels_last=True)
 
 
 @dispatch("max_pool2d")
-def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0):
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, out=None):
     """Max pool of x [N, C, H, W] over kernel_size windows (stride defaults to kernel_size;
     padding never wins; floor mode, dilation 1). The Triton kernel reads channels-last x and
-    writes a channels-last output; forward only (a call needing a gradient runs on torch)."""
+    writes a channels-last output; forward only (a call needing a gradient runs on torch).
+    ``out``: a preallocated channels-last [N, C, OH, OW] tensor to write into (as
+    ``ops.conv2d``'s); returns it."""
     op = "max_pool2d"
     _nchw(op, "x", x)
     kh, kw = _pair_arg(op, "kernel_size", kernel_size, 1)
@@ -1003,20 +1053,27 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0):
             f"{op}: padding {ph}x{pw} must be at most half the kernel {kh}x{kw} (as in torch)"
         )
     sh, sw = _pair_arg(op, "stride", stride if stride is not None else kernel_size, 1)
-    if (x.shape[2] + 2 * ph - kh) // sh + 1 < 1 or (x.shape[3] + 2 * pw - kw) // sw + 1 < 1:
+    oh, ow = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+    if oh < 1 or ow < 1:
         raise ShapeError(
             f"{op}: kernel {kh}x{kw} is larger than the padded input "
             f"{x.shape[2] + 2 * ph}x{x.shape[3] + 2 * pw}"
         )
+    if out is not None:
+        _check_out(op, out, (*x.shape[:2], oh, ow), x, x, channels_last=True)
 
 
 @dispatch("adaptive_avg_pool2d")
-def adaptive_avg_pool2d(x: torch.Tensor, output_size):
+def adaptive_avg_pool2d(x: torch.Tensor, output_size, out=None):
     """Average pool of x [N, C, H, W] to output_size (an int or (OH, OW)) with torch's
     adaptive windows; 1 is the global average pool. The Triton kernel reads channels-last x and
-    writes a channels-last output; forward only (a call needing a gradient runs on torch)."""
+    writes a channels-last output; forward only (a call needing a gradient runs on torch).
+    ``out``: a preallocated channels-last [N, C, OH, OW] tensor to write into (as
+    ``ops.conv2d``'s); returns it."""
     op = "adaptive_avg_pool2d"
     _nchw(op, "x", x)
-    _pair_arg(op, "output_size", output_size, 1)
+    oh, ow = _pair_arg(op, "output_size", output_size, 1)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ShapeError(f"{op}: x {tuple(x.shape)} has an empty spatial dimension")
+    if out is not None:
+        _check_out(op, out, (*x.shape[:2], oh, ow), x, x, channels_last=True)

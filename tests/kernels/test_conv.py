@@ -216,3 +216,79 @@ def test_conv2d_every_config_gpu():
     for cfg in conv.FLAT_CONFIGS:
         y = conv.conv2d_forward(xs, ws, bs, 2, 3, 1, "relu", None, config=cfg)
         assert_close(y, ref, dtype, f"flat config {cfg}")
+
+
+def _nan_channels_last(shape, dtype):
+    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_conv2d_out_is_written_in_place(backend):
+    """``out=``: a NaN-poisoned channels-last tensor is filled with exactly the result of the
+    call without it, and returned; an NHWC buffer permuted to NCHW works the same way."""
+    dtype = torch.float16
+    x, wt, b, res = _inputs(2, 17, 7, 7, 19, 3, 1, 1, 1, True, True, dtype)
+    with kf.backend(backend):
+        want = ops.conv2d(x, wt, b, 1, 1, activation="relu", residual=res)
+        out = _nan_channels_last(want.shape, dtype)
+        got = ops.conv2d(x, wt, b, 1, 1, activation="relu", residual=res, out=out)
+        assert got is out and torch.equal(out, want)
+        nhwc = torch.full((2, 7, 7, 19), float("nan"), device=DEVICE, dtype=dtype)
+        ops.conv2d(x, wt, b, 1, 1, activation="relu", residual=res, out=nhwc.permute(0, 3, 1, 2))
+        assert torch.equal(nhwc.permute(0, 3, 1, 2), want)
+    assert_close(want, _reference(x, wt, b, 1, 1, 1, "relu", res), dtype, "conv2d out=")
+
+
+@pytest.mark.parametrize(
+    "route,with_res,act", [("gemm", False, None), ("cudnn", True, "relu"), ("cudnn", False, "silu")]
+)
+def test_conv2d_out_on_the_other_routes(route, with_res, act):
+    """The GEMM route (1x1 convs on kernels/matmul) stores into ``out``; the cuDNN route adds
+    the residual into it and applies the activation there (or writes act(conv) into it)."""
+    dtype = torch.float16
+    x, wt, b, res = _inputs(2, 16, 5, 5, 24, 1, 1, 0, 1, with_res, True, dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    want = conv.conv2d_forward(x, wt, b, 1, 0, 1, act, res, force_route=route)
+    out = _nan_channels_last(want.shape, dtype)
+    got = conv.conv2d_forward(x, wt, b, 1, 0, 1, act, res, force_route=route, out=out)
+    assert got is out and torch.equal(out, want)
+    assert_close(out, _reference(x, wt, b, 1, 0, 1, act, res), dtype, f"{route} out=")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pools_out_is_written_in_place(backend):
+    dtype = torch.float16
+    x = torch.randn(2, 17, 9, 7, device=DEVICE).to(dtype)
+    with kf.backend(backend):
+        want = ops.max_pool2d(x, 3, 2, 1)
+        out = _nan_channels_last(want.shape, dtype)
+        assert ops.max_pool2d(x, 3, 2, 1, out=out) is out and torch.equal(out, want)
+        want = ops.adaptive_avg_pool2d(x, (2, 3))
+        out = _nan_channels_last(want.shape, dtype)
+        assert ops.adaptive_avg_pool2d(x, (2, 3), out=out) is out and torch.equal(out, want)
+    assert_close(out, F.adaptive_avg_pool2d(x.float(), (2, 3)), dtype, "adaptive out=")
+
+
+def test_out_argument_errors():
+    """A wrong ``out`` is refused before anything runs, saying what was expected."""
+    x = torch.randn(1, 4, 5, 5, device=DEVICE).half()
+    w = torch.randn(6, 4, 3, 3, device=DEVICE).half()
+    good = _nan_channels_last((1, 6, 5, 5), torch.float16)
+    with pytest.raises(ShapeError, match=r"out has shape \(1, 6, 3, 3\)"):
+        ops.conv2d(x, w, padding=1, out=_nan_channels_last((1, 6, 3, 3), torch.float16))
+    with pytest.raises(DTypeError, match="out is torch.float32"):
+        ops.conv2d(x, w, padding=1, out=good.float())
+    with pytest.raises(DeviceError, match="meta"):
+        ops.conv2d(x, w, padding=1, out=torch.empty(1, 6, 5, 5, device="meta").half())
+    with pytest.raises(ArgumentError, match="channels-last contiguous"):
+        ops.conv2d(x, w, padding=1, out=torch.empty(1, 6, 5, 5, device=DEVICE).half())
+    with pytest.raises(ArgumentError, match="no autograd"):
+        ops.conv2d(x, w.clone().requires_grad_(), padding=1, out=good)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        ops.conv2d(x, w, padding=1, out=good.numpy() if not ON_GPU else [1])
+    with pytest.raises(ShapeError, match="out has shape"):
+        ops.max_pool2d(x, 2, out=good)
+    with pytest.raises(ArgumentError, match="channels-last"):
+        ops.adaptive_avg_pool2d(x, 1, out=torch.empty(1, 4, 1, 2, device=DEVICE).half()[..., :1])

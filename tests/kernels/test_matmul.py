@@ -531,3 +531,34 @@ def test_gpu_torch_compile_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(y, ref_matmul(a, b, bias, "gelu"), dtype, "graph replay")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_is_written_in_place(kernel, backend):
+    """``out=``: a NaN-poisoned tensor is filled with exactly the result of the call without
+    it (leading dims, epilogue, a transposed weight) and returned."""
+    dtype = torch.float16
+    a, b = rnd((2, 3, 24), dtype), rnd((24, 40), dtype, scale=0.2, transposed=True)
+    bias, res = rnd((40,), dtype), rnd((2, 3, 40), dtype)
+    with kf.backend(backend):
+        want = ops.matmul(a, b, bias, "silu", res)
+        out = torch.full((2, 3, 40), float("nan"), device=DEVICE, dtype=dtype)
+        got = ops.matmul(a, b, bias, "silu", res, out=out)
+        assert got is out and torch.equal(out, want)
+        v, o1 = rnd((24,), dtype), torch.full((40,), float("nan"), device=DEVICE, dtype=dtype)
+        assert torch.equal(ops.matmul(v, b, out=o1), ops.matmul(v, b))
+    assert_close(out, ref_matmul(a, b, bias, "silu", res), dtype, "out=")
+
+
+def test_out_errors():
+    a, b = rnd((5, 8), torch.float16), rnd((8, 6), torch.float16)
+    with pytest.raises(ShapeError, match=r"out has shape \(6, 5\)"):
+        ops.matmul(a, b, out=torch.empty(6, 5, device=DEVICE).half())
+    with pytest.raises(DTypeError, match="out is torch.float32"):
+        ops.matmul(a, b, out=torch.empty(5, 6, device=DEVICE))
+    with pytest.raises(DeviceError, match="meta"):
+        ops.matmul(a, b, out=torch.empty(5, 6, device="meta").half())
+    with pytest.raises(ArgumentError, match="contiguous"):
+        ops.matmul(a, b, out=torch.empty(6, 5, device=DEVICE).half().t())
+    with pytest.raises(ArgumentError, match="no autograd"):
+        ops.matmul(a.clone().requires_grad_(), b, out=torch.empty(5, 6, device=DEVICE).half())

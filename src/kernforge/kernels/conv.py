@@ -517,11 +517,14 @@ def geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    stride, padding, dilation, activation: str | None,
                    residual: torch.Tensor | None, config: ConvConfig | None = None,
-                   force_route: str | None = None) -> torch.Tensor:  # fmt: skip
+                   force_route: str | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The Triton forward: the output [N, O, OH, OW] in channels-last memory format.
 
     ``config`` forces the implicit-GEMM kernel with that config, ``force_route`` a route of
-    :func:`route` ("conv", "gemm" or "cudnn"; sweeps and benchmarks)."""
+    :func:`route` ("conv", "gemm" or "cudnn"; sweeps and benchmarks). ``out``: an
+    [N, O, OH, OW] channels-last tensor (checked by ``ops.conv2d``) the kernels write in place
+    (the cuDNN route adds the residual into it and applies the activation there); returned."""
     g = geometry(x, weight, stride, padding, dilation)
     xc = channels_last(x)
     chosen = "conv" if config is not None else route(g, activation, residual is not None)
@@ -529,10 +532,18 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         chosen = force_route
     if chosen == "cudnn":
         z = F.conv2d(xc, weight, bias, g.stride, g.padding, g.dilation)
+        if out is None:
+            if residual is not None:
+                z = z + residual
+            return channels_last(apply_activation(z, activation))
         if residual is not None:
-            z = z + residual
-        return channels_last(apply_activation(z, activation))
-    out = new_output((g.n, g.oh, g.ow, g.o), x.dtype, x.device)
+            return activation_(torch.add(z, residual, out=out), activation)
+        return activation_into(z, activation, out)
+    given = out
+    if out is None:
+        out = new_output((g.n, g.oh, g.ow, g.o), x.dtype, x.device)
+    else:
+        out = out.permute(0, 2, 3, 1)  # the NHWC storage, contiguous
     res = None if residual is None else channels_last(residual).permute(0, 2, 3, 1)
     bias = None if bias is None else bias.contiguous()
     if out.numel():
@@ -544,17 +555,22 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             mm.launch(a, b, out.view(g.m, g.o), bias, r2, activation)
         else:
             launch(xc, weight, out, g, bias, res, activation, config)
-    return out.permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2) if given is None else given
 
 
 def pool2d_forward(x: torch.Tensor, out_hw: tuple[int, int], window: tuple[int, int],
                    stride: tuple[int, int], padding: tuple[int, int], is_max: bool,
-                   adaptive: bool) -> torch.Tensor:  # fmt: skip
-    """The Triton pool: the output [N, C, OH, OW] in channels-last memory format."""
+                   adaptive: bool, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The Triton pool: the output [N, C, OH, OW] in channels-last memory format (written
+    into ``out``, an [N, C, OH, OW] channels-last tensor, when given)."""
     n, c, h, w = x.shape
     oh, ow = out_hw
     xc = channels_last(x)
-    out = new_output((n, oh, ow, c), x.dtype, x.device)
+    given = out
+    if out is None:
+        out = new_output((n, oh, ow, c), x.dtype, x.device)
+    else:
+        out = out.permute(0, 2, 3, 1)  # the NHWC storage, contiguous
     p = n * oh * ow
     if out.numel():
         bc = min(triton.next_power_of_2(c), 64 if device.INTERPRET else 128)
@@ -565,7 +581,7 @@ def pool2d_forward(x: torch.Tensor, out_hw: tuple[int, int], window: tuple[int, 
             xc, out, p, c, h, w, oh, ow, *stride, *padding, *window,
             MAX=is_max, ADAPTIVE=adaptive, BP=bp, BC=bc, num_warps=4,
         )  # fmt: skip
-    return out.permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2) if given is None else given
 
 
 def adaptive_window(size: int, out: int) -> int:
@@ -586,7 +602,7 @@ def _grad_wanted(*tensors: torch.Tensor | None) -> bool:
 
 
 def _supports_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                     activation=None, residual=None):  # fmt: skip
+                     activation=None, residual=None, out=None):  # fmt: skip
     if groups != 1:
         return f"groups={groups} (the Triton convolution takes groups=1; grouped runs on torch)"
     for t in (x, weight, bias, residual):
@@ -599,9 +615,11 @@ def _supports_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, grou
 
 @register_impl("conv2d", "triton", supports=_supports_conv2d)
 def conv2d_triton(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                  activation=None, residual=None):  # fmt: skip
-    """Triton implicit-GEMM convolution with the fused epilogue (channels-last output)."""
-    return conv2d_forward(x, weight, bias, stride, padding, dilation, activation, residual)
+                  activation=None, residual=None, out=None):  # fmt: skip
+    """Triton implicit-GEMM convolution with the fused epilogue (channels-last output, or
+    written into ``out``)."""
+    return conv2d_forward(x, weight, bias, stride, padding, dilation, activation, residual,
+                          out=out)  # fmt: skip
 
 
 def apply_activation(z: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -615,14 +633,42 @@ def apply_activation(z: torch.Tensor, activation: str | None) -> torch.Tensor:
     return z
 
 
+def activation_(z: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation`` applied to ``z`` in place (eager torch); returns ``z``."""
+    if activation == "relu":
+        z.relu_()
+    elif activation == "silu":
+        F.silu(z, inplace=True)
+    elif activation == "gelu":
+        z.copy_(F.gelu(z, approximate="tanh"))
+    return z
+
+
+def activation_into(z: torch.Tensor, activation: str | None, out: torch.Tensor) -> torch.Tensor:
+    """``activation(z)`` written into ``out`` by one eager kernel; returns ``out``."""
+    if activation == "relu":
+        return torch.clamp_min(z, 0, out=out)
+    if activation == "silu":
+        return torch.ops.aten.silu.out(z, out=out)
+    if activation == "gelu":
+        return torch.ops.aten.gelu.out(z, approximate="tanh", out=out)
+    return out.copy_(z)
+
+
+def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """``y``, or ``out`` after copying ``y`` into it (the torch references' ``out=``)."""
+    return y if out is None else out.copy_(y)
+
+
 @register_impl("conv2d", "torch")
 def conv2d_torch(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                 activation=None, residual=None):  # fmt: skip
-    """Reference: ``act(F.conv2d(x, weight, bias, ...) + residual)`` in eager torch."""
+                 activation=None, residual=None, out=None):  # fmt: skip
+    """Reference: ``act(F.conv2d(x, weight, bias, ...) + residual)`` in eager torch (copied
+    into ``out`` when given)."""
     z = F.conv2d(x, weight, bias, pair(stride), pair(padding), pair(dilation), groups)
     if residual is not None:
         z = z + residual
-    return apply_activation(z, activation)
+    return _into(out, apply_activation(z, activation))
 
 
 def _supports_pool(x, *args):
@@ -633,40 +679,41 @@ def _supports_pool(x, *args):
     return triton_reason(x)
 
 
-def _supports_max_pool(x, kernel_size, stride=None, padding=0):
+def _supports_max_pool(x, kernel_size, stride=None, padding=0, out=None):
     return _supports_pool(x)
 
 
-def _supports_avg_pool(x, output_size):
+def _supports_avg_pool(x, output_size, out=None):
     return _supports_pool(x)
 
 
 @register_impl("max_pool2d", "triton", supports=_supports_max_pool)
-def max_pool2d_triton(x, kernel_size, stride=None, padding=0):
+def max_pool2d_triton(x, kernel_size, stride=None, padding=0, out=None):
     """Triton max pool on channels-last x (floor mode, dilation 1)."""
     k = pair(kernel_size)
     s = pair(stride if stride is not None else kernel_size)
     p = pair(padding)
     out_hw = (pool_out(x.shape[2], k[0], s[0], p[0]), pool_out(x.shape[3], k[1], s[1], p[1]))
-    return pool2d_forward(x, out_hw, k, s, p, True, False)
+    return pool2d_forward(x, out_hw, k, s, p, True, False, out)
 
 
 @register_impl("max_pool2d", "torch")
-def max_pool2d_torch(x, kernel_size, stride=None, padding=0):
-    """Reference: ``F.max_pool2d``."""
-    return F.max_pool2d(x, kernel_size, stride if stride is not None else kernel_size, padding)
+def max_pool2d_torch(x, kernel_size, stride=None, padding=0, out=None):
+    """Reference: ``F.max_pool2d`` (copied into ``out`` when given)."""
+    s = stride if stride is not None else kernel_size
+    return _into(out, F.max_pool2d(x, kernel_size, s, padding))
 
 
 @register_impl("adaptive_avg_pool2d", "triton", supports=_supports_avg_pool)
-def adaptive_avg_pool2d_triton(x, output_size):
+def adaptive_avg_pool2d_triton(x, output_size, out=None):
     """Triton adaptive average pool on channels-last x (global pool: output_size 1)."""
     oh, ow = pair(output_size)
     h, w = x.shape[2], x.shape[3]
     window = (adaptive_window(h, oh), adaptive_window(w, ow))
-    return pool2d_forward(x, (oh, ow), window, (1, 1), (0, 0), False, True)
+    return pool2d_forward(x, (oh, ow), window, (1, 1), (0, 0), False, True, out)
 
 
 @register_impl("adaptive_avg_pool2d", "torch")
-def adaptive_avg_pool2d_torch(x, output_size):
-    """Reference: ``F.adaptive_avg_pool2d``."""
-    return F.adaptive_avg_pool2d(x, pair(output_size))
+def adaptive_avg_pool2d_torch(x, output_size, out=None):
+    """Reference: ``F.adaptive_avg_pool2d`` (copied into ``out`` when given)."""
+    return _into(out, F.adaptive_avg_pool2d(x, pair(output_size)))

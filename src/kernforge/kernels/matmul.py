@@ -873,7 +873,7 @@ def _fold(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
 
 
-def _supports_matmul(a, b, bias=None, activation=None, residual=None):
+def _supports_matmul(a, b, bias=None, activation=None, residual=None, out=None):
     for t in (a, b, bias, residual):
         if t is not None and t.dtype not in GEMM_DTYPES:
             return f"dtype {t.dtype} (the Triton GEMM takes float16 and bfloat16)"
@@ -881,11 +881,16 @@ def _supports_matmul(a, b, bias=None, activation=None, residual=None):
 
 
 @register_impl("matmul", "triton", supports=_supports_matmul)
-def matmul_triton(a, b, bias=None, activation=None, residual=None):
-    """Triton GEMM with the epilogue fused: ``act(a @ b + bias) + residual``."""
+def matmul_triton(a, b, bias=None, activation=None, residual=None, out=None):
+    """Triton GEMM with the epilogue fused: ``act(a @ b + bias) + residual`` (written into
+    ``out``, a contiguous tensor of the output's shape checked by ``ops.matmul``, when given:
+    no autograd then)."""
     out_shape = (*a.shape[:-1], b.shape[1])
     a2 = _fold(a) if a.dim() != 1 else a.unsqueeze(0)
     r2 = None if residual is None else residual.reshape(-1, b.shape[1])
+    if out is not None:
+        launch(a2, b, out.view(a2.shape[0], b.shape[1]), bias, r2, activation)
+        return out
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (a, b, bias, residual)
     )
@@ -897,8 +902,11 @@ def matmul_triton(a, b, bias=None, activation=None, residual=None):
 
 
 @register_impl("matmul", "torch")
-def matmul_torch(a, b, bias=None, activation=None, residual=None):
-    """Reference: ``act(a @ b + bias) + residual`` in eager torch (gelu: tanh approximation)."""
+def matmul_torch(a, b, bias=None, activation=None, residual=None, out=None):
+    """Reference: ``act(a @ b + bias) + residual`` in eager torch (gelu: tanh approximation;
+    copied into ``out`` when given)."""
+    if out is not None:
+        return out.copy_(matmul_torch(a, b, bias, activation, residual))
     z = torch.matmul(a, b)
     if bias is not None:
         z = z + bias

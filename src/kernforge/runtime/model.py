@@ -6,14 +6,24 @@ loaded program runs exactly as it compiled. Execution modes:
 
 - ``gpu``: catalog ops and generated kernels on CUDA; :meth:`Program.prepare` (run at compile
   and load on a GPU, else by the first call) warms up (compiles and tunes every kernel), then
-  captures the whole forward as one CUDA graph over static input buffers, so every buffer is
-  allocated then, in the graph's pool; calls copy the inputs in and replay it;
+  captures the whole forward as one CUDA graph over static input buffers; calls copy the
+  inputs in and replay it;
 - ``interpret``: the same steps on the CPU, generated kernels under Triton's interpreter;
 - ``numpy``: the graph evaluated op by op with :mod:`kernforge.runtime.simulate` (the reference).
+
+In the gpu and interpret modes every stored intermediate value lives in one activation arena
+(one uint8 tensor per mode and device, allocated at the first call or by ``prepare``) at the
+byte offset the buffer plan gave it: each step is handed tensor views of the arena for the
+values it writes and writes into them (generated kernels and the conv / pool / GEMM catalog ops
+store there directly; other catalog and fallback ops copy their result in). Graph outputs are
+not in the arena (the caller keeps them), nor are temporaries inside one op (split-K partials,
+values a fused step keeps between its own kernels): those come from the torch allocator (inside
+the CUDA graph's private pool on the GPU).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +35,7 @@ import torch
 from .. import device
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ..ir import Graph, Value
+from ..kernels import common
 from ..passes.partition import Partition, Step, partition, subgraph
 
 MODES = ("gpu", "interpret", "numpy")
@@ -35,17 +46,29 @@ def default_mode() -> str:
     return "interpret" if device.INTERPRET else "gpu"
 
 
+#: How a step's arena values get written: by the kernels themselves, by a copy of the result,
+#: or not at all (a view step: torch views of its input).
+INTO_KINDS = ("in place", "copy", "view")
+
+StepRun = Callable[[list[torch.Tensor], list[torch.Tensor | None]], list[torch.Tensor]]
+
+
 @dataclass
 class _Compiled:
-    """A step made runnable for one mode: ``fn(tensors read) -> tensors written``."""
+    """A step made runnable for one mode: ``fn(tensors read, destinations) -> tensors
+    written``; a destination is the arena view the written value must land in, or None (a
+    graph output, or a view that shares its base's bytes) to return a tensor of its own."""
 
     step: Step
-    fn: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    fn: StepRun
     runs_on: str  # what executes it, for describe()
     reads: list[int] = field(default_factory=list)  # env slots
     writes: list[int] = field(default_factory=list)
     kernels: int = 1
     source: str | None = None
+    into: str = "in place"  # one of INTO_KINDS
+    read_values: list[Value] = field(default_factory=list)  # the values behind reads/writes
+    write_values: list[Value] = field(default_factory=list)
 
 
 class Program:
@@ -82,6 +105,8 @@ class Program:
         self._frees_by_mode: dict[str, list[list[int]]] = {}
         self._dev_weights: dict[Any, dict[str, torch.Tensor]] = {}
         self._graph_state: dict | None = None
+        self._arenas: dict[tuple[str, Any], dict] = {}  # (mode, device) -> arena and views
+        self._memory: dict[str, Any] = {}  # measured at capture (memory_report)
         self.cuda_graph = True  # capture on GPU; set False to run step by step
 
     # -- planning --------------------------------------------------------------------------
@@ -95,11 +120,7 @@ class Program:
             ([v.id for v in s.inputs], [v.id for v in s.outputs]) for s in self.steps if s.outputs
         ]
         stored = [v.id for s in self.steps for v in s.outputs]
-        aliases = {
-            s.outputs[0].id: s.inputs[0].id
-            for s in self.steps
-            if s.kind == "view" and len(s.outputs) == 1 and len(s.inputs) == 1
-        }
+        aliases = {o: i for s in self.steps if s.kind == "view" for o, i in _view_bases(s)}
         try:
             return plan_buffers(self.graph, steps=stepped, stored=stored, aliases=aliases)
         except Exception:  # noqa: BLE001 (a planner limitation must not stop the program)
@@ -226,14 +247,18 @@ class Program:
         for i, s in enumerate(self.steps):
             reads = [slot[id(v)] for v in s.inputs]
             writes = [slot[id(v)] for v in s.outputs]
+            read_values = list(s.inputs)
             if s.kind in ("catalog", "fallback"):
-                reads = [slot[id(v)] for v in s.nodes[0].inputs]  # in argument order, repeats kept
-                fn, who = catalog_step(s.nodes[0])
-                c = _Compiled(s, (lambda f: lambda xs: [f(xs)])(fn), who, reads, writes)
+                read_values = list(s.nodes[0].inputs)  # in argument order, repeats kept
+                reads = [slot[id(v)] for v in read_values]
+                fn, who, in_place = catalog_step(s.nodes[0])
+                run = (lambda f: lambda xs, dests: [f(xs, dests[0])])(fn)
+                c = _Compiled(s, run, who, reads, writes, into="in place" if in_place else "copy")
             elif s.kind == "view":
-                c = _Compiled(s, _view_fn(s), "torch view", reads, writes, kernels=0)
+                c = _Compiled(s, _view_fn(s), "torch view", reads, writes, kernels=0, into="view")
             else:
                 c = self._fused(s, f"{self.graph.name}_s{i}", interpret, reads, writes)
+            c.read_values, c.write_values = read_values, list(s.outputs)
             out.append(c)
         return out
 
@@ -247,24 +272,25 @@ class Program:
             lowered = lower(g, [contiguous_strides(v.shape) for v in g.inputs], interpret)
             prog = JitProgram(g, lowered, interpret)
         except Exception as e:  # noqa: BLE001 (a codegen gap must not stop the model)
-            return _Compiled(s, _op_by_op(g, e), _OP_BY_OP, reads, writes, 0)
+            return _Compiled(s, _op_by_op(g, e), _OP_BY_OP, reads, writes, 0, into="copy")
         state: dict = {}
 
-        def run(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        def run(xs: list[torch.Tensor], dests: list[torch.Tensor | None]) -> list[torch.Tensor]:
             xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
+            outs = dests if any(d is not None for d in dests) else None
             if "fallback" in state:
-                return state["fallback"](xs)
+                return state["fallback"](xs, dests)
             if "ok" in state:
-                return prog.run(xs)
+                return prog.run(xs, outs)
             try:  # the first launch compiles; a codegen bug shows here
-                out = prog.run(xs)
+                out = prog.run(xs, outs)
             except Exception as e:  # noqa: BLE001
                 state["fallback"] = _op_by_op(g, e)
                 self.meta.setdefault("notes", []).append(
                     f"step {name}: generated kernel failed ({type(e).__name__}: "
                     f"{str(e)[:120]}); runs op by op with torch"
                 )
-                return state["fallback"](xs)
+                return state["fallback"](xs, dests)
             state["ok"] = True
             return out
 
@@ -307,8 +333,9 @@ class Program:
         if frees is None:
             frees = self._frees_by_mode[mode] = self._frees(steps)
         env = self._env(inputs, mode)
-        for c, dead in zip(steps, frees, strict=True):
-            res = c.fn([env[i] for i in c.reads])
+        dests = self._arena(mode, self._device(inputs, mode))["dests"]
+        for c, dest, dead in zip(steps, dests, frees, strict=True):
+            res = c.fn([env[i] for i in c.reads], dest)
             for i, t in zip(c.writes, res, strict=True):
                 env[i] = t
             for i in dead:
@@ -316,18 +343,71 @@ class Program:
         slot = self._slots()
         return [env[slot[id(v)]] for v in self.graph.outputs]
 
+    # -- the activation arena --------------------------------------------------------------
+
+    @staticmethod
+    def _device(inputs: Sequence[torch.Tensor], mode: str) -> torch.device:
+        if inputs:
+            return inputs[0].device
+        return torch.device("cuda", torch.cuda.current_device()) if mode == "gpu" else (
+            torch.device("cpu")
+        )  # fmt: skip
+
+    def _arena(self, mode: str, dev: torch.device) -> dict:
+        """The arena of ``mode`` on ``dev`` (allocated once: one uint8 tensor of the plan's
+        size, 0xFF-filled (NaN in every float dtype) while outputs are poisoned for tests) and,
+        per compiled step, the arena views its written values go to."""
+        key = (mode, dev)
+        st = self._arenas.get(key)
+        if st is not None:
+            return st
+        steps = self.compiled_steps(mode)
+        plan = self.buffer_plan
+        size = 0 if plan is None else plan.arena_bytes
+        arena = torch.empty(size, dtype=torch.uint8, device=dev)
+        if common._poison:
+            arena.fill_(0xFF)
+        views = {} if plan is None else plan.tensors(arena, self.graph)
+        own = set() if plan is None else set(plan.offsets)
+        dests = [
+            [views[v.id] if v.id in own else None for v in c.write_values] for c in steps
+        ]  # fmt: skip
+        st = self._arenas[key] = {"arena": arena, "dests": dests, "views": views}
+        return st
+
+    def arena(self, mode: str | None = None, dev=None) -> torch.Tensor | None:
+        """The activation arena tensor of ``mode`` (default: this machine's) on ``dev``
+        (default: cuda for gpu, else the CPU), or None before the first run allocates it."""
+        mode = mode or default_mode()
+        dev = torch.device(dev) if dev is not None else self._device((), mode)
+        st = self._arenas.get((mode, dev))
+        return None if st is None else st["arena"]
+
     # -- gpu with a CUDA graph -------------------------------------------------------------
 
     def _run_graph(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         st = self._graph_state
         if st is None:
             static = [x.clone() for x in inputs]
+            dev = static[0].device if static else self._device((), "gpu")
+            self._weights_on(dev)
+            # Measured from here: the arena, what the steps allocate while warming up (the
+            # peak) and what the captured graph keeps (its private pool), not the weights or
+            # static inputs made above. Garbage (e.g. an earlier program, freed only by the
+            # cycle collector) is collected first, so that its freeing cannot hide growth.
+            gc.collect()
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            arena = self._arena("gpu", dev)["arena"]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # compile, tune and settle every kernel before capture
                     self._run_steps(static, "gpu")
             torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize(dev)
+            warm_peak = torch.cuda.max_memory_allocated(dev) - base
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
@@ -337,6 +417,9 @@ class Program:
                 self.meta["cuda_graph_error"] = f"{type(e).__name__}: {e}"
                 torch.cuda.synchronize()
                 return self._run_steps(list(inputs), "gpu")
+            torch.cuda.synchronize(dev)
+            out_bytes = sum(o.numel() * o.element_size() for o in outs)
+            self._memory = _measure(graph, dev, base, warm_peak, out_bytes, arena.numel())
             st = self._graph_state = {"graph": graph, "in": static, "out": outs}
         for s, x in zip(st["in"], inputs, strict=True):
             s.copy_(x)
@@ -357,6 +440,7 @@ class Program:
         self._run_steps(list(inputs), mode)  # warm up
         gpu = mode == "gpu"
         times: list[list[float]] = [[] for _ in steps]
+        dests = self._arena(mode, self._device(inputs, mode))["dests"]
         for _ in range(iters):
             env = self._env(inputs, mode)
             for k, c in enumerate(steps):
@@ -364,13 +448,13 @@ class Program:
                 if gpu:
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
                     a.record()
-                    res = c.fn(args)
+                    res = c.fn(args, dests[k])
                     b.record()
                     b.synchronize()
                     times[k].append(a.elapsed_time(b))
                 else:
                     t0 = time.perf_counter()
-                    res = c.fn(args)
+                    res = c.fn(args, dests[k])
                     times[k].append((time.perf_counter() - t0) * 1e3)
                 for i, t in zip(c.writes, res, strict=True):
                     env[i] = t
@@ -436,6 +520,22 @@ class Program:
         lines.append(f"  weights: {len(self.weights)} tensors, {wbytes / 2**20:.2f} MiB")
         if self.buffer_plan is not None:
             lines.append(f"  buffers: {self.buffer_plan.describe()}")
+        if compiled is not None:
+            into = self._into_counts(compiled)
+            lines.append(
+                f"  arena writes: {into['in place']} steps write their values into the arena "
+                f"in place, {into['copy']} copy their result in, {into['view']} are views; "
+                f"{into['outside']} write only graph outputs (not in the arena)"
+            )
+        mem = self._memory
+        if mem:
+            lines.append(
+                f"  measured ({mem['device']}): activations "
+                f"{_mib(mem['activation_bytes_measured'])} (arena "
+                f"{_mib(mem['arena_bytes'])} + graph pool beyond the outputs "
+                f"{_mib(mem['graph_pool_extra_bytes'])}), warm-up peak "
+                f"{_mib(mem['peak_bytes_measured'])}"
+            )
         pats = self.meta.get("patterns", {})
         if pats:
             lines.append("  fused patterns: " + ", ".join(f"{k} x{v}" for k, v in pats.items()))
@@ -452,6 +552,46 @@ class Program:
     def peak_activation_bytes(self) -> int | None:
         """The activation arena's size from the buffer plan (None without a plan)."""
         return None if self.buffer_plan is None else int(self.buffer_plan.arena_bytes)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Activation memory, planned and (on the GPU, after the CUDA graph is captured)
+        measured. Keys: ``arena_bytes_planned`` (the plan's arena, what the executor
+        allocates), ``no_reuse_bytes`` (the arena without liveness reuse), ``live_bytes_bound``
+        (the most bytes live at one step: no plan can do better), ``arena_values``,
+        ``steps_in_place`` / ``steps_copy`` / ``steps_view`` (how steps write their arena
+        values, for this machine's mode); once captured: ``activation_bytes_measured`` (device
+        memory the program holds for activations: the arena plus its CUDA graph pool's bytes
+        beyond the graph outputs: temporaries inside ops such as split-K partials and values a
+        fused step keeps between its own kernels), ``graph_pool_extra_bytes``,
+        ``peak_bytes_measured`` (the allocator's peak over the warm-up runs, beyond weights,
+        inputs and one set of outputs), ``output_bytes``, ``device``."""
+        plan = self.buffer_plan
+        rep: dict[str, Any] = {
+            "arena_bytes_planned": None if plan is None else plan.arena_bytes,
+            "no_reuse_bytes": None if plan is None else plan.no_reuse_bytes,
+            "live_bytes_bound": None if plan is None else plan.live_bytes,
+            "arena_values": None if plan is None else len(plan.offsets),
+        }
+        try:
+            compiled = self.compiled_steps(default_mode())
+        except Exception:  # noqa: BLE001 (the report must work where kernels cannot be built)
+            compiled = None
+        if compiled is not None:
+            for k, n in self._into_counts(compiled).items():
+                rep[f"steps_{k.replace(' ', '_')}"] = n
+        rep.update(self._memory)
+        return rep
+
+    def _into_counts(self, compiled: list[_Compiled]) -> dict[str, int]:
+        """Steps by how they write their arena values (INTO_KINDS), and ``outside``: steps
+        that write no arena value of their own (only graph outputs)."""
+        plan = self.buffer_plan
+        own = set() if plan is None else set(plan.offsets)
+        out = dict.fromkeys((*INTO_KINDS, "outside"), 0)
+        for c in compiled:
+            mine = c.into == "view" or any(v.id in own for v in c.write_values)
+            out[c.into if mine else "outside"] += 1
+        return out
 
     # -- saving and weights (runtime/archive.py, runtime/recipes.py; docs/program_format.md)
 
@@ -522,29 +662,79 @@ def _op_by_op(g: Graph, err: Exception):
     the model running; describe() notes it."""
     from .model_ops import evaluate_ir_torch
 
-    def run(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run(xs: list[torch.Tensor], dests: list | None = None) -> list[torch.Tensor]:
+        dests = dests or [None] * len(g.outputs)
         dev = xs[0].device if xs else torch.device("cuda" if not device.INTERPRET else "cpu")
         env = {id(v): x for v, x in zip(g.inputs, xs, strict=True)}
         for n in g.nodes:
             env[id(n.output)] = evaluate_ir_torch(n, [env[id(v)] for v in n.inputs], dev)
-        return [env[id(v)].contiguous() for v in g.outputs]
+        return [
+            env[id(v)].contiguous() if d is None else d.copy_(env[id(v)])
+            for v, d in zip(g.outputs, dests, strict=True)
+        ]
 
     run.error = err  # type: ignore[attr-defined]
     return run
 
 
 def _view_fn(s: Step):
-    """A step of reshapes run as torch views (no copy, no kernel)."""
+    """A step of reshapes run as torch views (no copy, no kernel). An output the plan gave
+    bytes of its own (not a view of its base there) is copied into them."""
     nodes = s.nodes
 
-    def run(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run(xs: list[torch.Tensor], dests: list | None = None) -> list[torch.Tensor]:
+        dests = dests or [None] * len(s.outputs)
         env = {id(v): x for v, x in zip(s.inputs, xs, strict=True)}
         for n in nodes:
             x = env[id(n.inputs[0])]
             env[id(n.output)] = x if n.op == "alias" else x.reshape(n.output.shape)
-        return [env[id(v)] for v in s.outputs]
+        return [
+            env[id(v)] if d is None else d.copy_(env[id(v)])
+            for v, d in zip(s.outputs, dests, strict=True)
+        ]
 
     return run
+
+
+def _view_bases(s: Step) -> list[tuple[int, int]]:
+    """(output id, id of the step input it is a view of) for each output of a view step (the
+    buffer plan's aliases: the output shares the input's bytes). Arena values are contiguous,
+    so their reshapes are always views."""
+    src: dict[int, Value] = {id(v): v for v in s.inputs}
+    for n in s.nodes:
+        if n.op not in ("reshape", "alias") or id(n.inputs[0]) not in src:
+            return []
+        src[id(n.output)] = src[id(n.inputs[0])]
+    return [(v.id, src[id(v)].id) for v in s.outputs if id(v) in src]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _measure(graph, dev: torch.device, base: int, warm_peak: int, out_bytes: int,
+             arena_bytes: int) -> dict[str, Any]:  # fmt: skip
+    """What a captured program holds on ``dev`` for activations (see memory_report): the
+    allocator's growth since ``base`` (the arena and what the capture keeps alive: outputs
+    and the steps' caches), plus the bytes the graph's private pool reserves but has free
+    (temporaries freed during capture that every replay reuses), less the outputs."""
+    held = torch.cuda.memory_allocated(dev) - base
+    pool_free = 0
+    try:
+        pool = tuple(graph.pool())
+        for seg in torch.cuda.memory_snapshot():
+            if tuple(seg.get("segment_pool_id", ())) == pool:
+                pool_free += int(seg["total_size"]) - int(seg["allocated_size"])
+    except Exception:  # noqa: BLE001 (an allocator without snapshots: count what is held)
+        pool_free = 0
+    act = held + pool_free - out_bytes
+    return {
+        "device": torch.cuda.get_device_name(dev),
+        "activation_bytes_measured": int(act),
+        "graph_pool_extra_bytes": int(act - arena_bytes),
+        "peak_bytes_measured": int(warm_peak - out_bytes),
+        "output_bytes": int(out_bytes),
+    }
 
 
 def _nbytes(v: Value) -> int:

@@ -4,8 +4,11 @@
 mode evaluates it on the CPU and rounds to the output dtype). :func:`catalog_step` returns the
 function the gpu and interpret modes call for one node: a kernforge catalog op where one covers
 the node's dtypes (``ops.matmul`` with its epilogue for ``linear``, ``ops.rms_norm``,
-``ops.layer_norm``, ``ops.softmax``, ``ops.fmha``, ``ops.conv2d`` once it exists), else the
-torch reference; its second result names which ran (``describe()`` shows it).
+``ops.layer_norm``, ``ops.softmax``, ``ops.fmha``, ``ops.conv2d``, the pools), else the
+torch reference; its second result names which ran (``describe()`` shows it). The function
+takes the destination of the node's value (an arena view, or None): ``ops.conv2d``, the pools
+and ``ops.matmul`` write into it (``out=``), the others copy their result in (the third result
+says which).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from ..ir import Node
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 StepFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+#: ``fn(args, out)``: the node's value, written into ``out`` (and returned) when it is given.
+OutStepFn = Callable[[Sequence[torch.Tensor], torch.Tensor | None], torch.Tensor]
 
 
 def _split(node: Node, args: Sequence[torch.Tensor], n: int, *flags: str) -> list:
@@ -201,37 +206,68 @@ def _kernel_dtype(node: Node) -> bool:
     return node.output.dtype in ("float16", "bfloat16")
 
 
-def _conv_step(node: Node, conv) -> StepFn:
+def _nchw_out(out: torch.Tensor | None) -> torch.Tensor | None:
+    """An NHWC destination as the channels-last NCHW tensor the conv and pool ops take."""
+    return None if out is None else out.permute(0, 3, 1, 2)
+
+
+def _conv_step(node: Node, conv) -> OutStepFn:
     """ops.conv2d on the IR's NHWC tensors: an NHWC tensor permuted to NCHW is the
     channels-last tensor the kernel reads in place, and an [O, KH, KW, C] weight permuted the
     same way is the packed weight (kernels.conv.pack_conv_weight); the channels-last output
-    permuted back is a contiguous NHWC tensor (no copies)."""
+    permuted back is a contiguous NHWC tensor (no copies), written into ``out`` when given."""
     a = node.attrs
 
-    def run(args):
+    def run(args, out=None):
         x, w, b, r = _split(node, args, 2, "has_bias", "has_residual")
         y = conv(
             x.permute(0, 3, 1, 2), w.permute(0, 3, 1, 2), b, a["stride"], a["padding"],
             a["dilation"], 1, a.get("activation"),
-            None if r is None else r.permute(0, 3, 1, 2),
+            None if r is None else r.permute(0, 3, 1, 2), out=_nchw_out(out),
         )  # fmt: skip
-        return y.permute(0, 2, 3, 1)
+        return y.permute(0, 2, 3, 1) if out is None else out
 
     return run
 
 
-def _pool_step(node: Node, pool) -> StepFn:
+def _pool_step(node: Node, pool) -> OutStepFn:
     a = node.attrs
 
-    def run(args):
-        y = pool(args[0].permute(0, 3, 1, 2), a["kernel"], a["stride"], a["padding"])
-        return y.permute(0, 2, 3, 1)
+    def run(args, out=None):
+        x = args[0].permute(0, 3, 1, 2)
+        y = pool(x, a["kernel"], a["stride"], a["padding"], out=_nchw_out(out))
+        return y.permute(0, 2, 3, 1) if out is None else out
 
     return run
 
 
-def catalog_step(node: Node) -> tuple[StepFn, str]:
-    """The function that runs ``node`` on torch tensors, and the name of what runs it."""
+def _copying(fn: StepFn) -> OutStepFn:
+    """``fn`` with an ``out``: its result copied there."""
+
+    def run(args, out=None):
+        y = fn(args)
+        return y if out is None else out.copy_(y)
+
+    return run
+
+
+def catalog_step(node: Node) -> tuple[OutStepFn, str, bool]:
+    """The function that runs ``node`` on torch tensors (``fn(args, out=None)``), the name of
+    what runs it, and whether it writes ``out`` in place (else its result is copied there)."""
+    fn, who = _catalog_fn(node)
+    if isinstance(fn, _InPlace):
+        return fn.fn, who, True
+    return _copying(fn), who, False
+
+
+class _InPlace:
+    """A catalog step function that takes ``out=`` itself."""
+
+    def __init__(self, fn: OutStepFn) -> None:
+        self.fn = fn
+
+
+def _catalog_fn(node: Node) -> tuple[StepFn | _InPlace, str]:
     from .. import ops
 
     a = node.attrs
@@ -243,28 +279,29 @@ def catalog_step(node: Node) -> tuple[StepFn, str]:
     nhwc = a.get("layout") == "nhwc"
     conv_ok = a.get("groups", 1) == 1 and a.get("activation") in (None, "relu", "gelu", "silu")
     if node.op == "conv2d" and hasattr(ops, "conv2d") and nhwc and conv_ok:
-        return _conv_step(node, ops.conv2d), "kernforge conv2d (+epilogue)"
+        return _InPlace(_conv_step(node, ops.conv2d)), "kernforge conv2d (+epilogue)"
     if node.op == "conv2d":
         return ref, "torch conv2d"
     pool_ok = not a.get("ceil_mode") and tuple(a.get("dilation", (1, 1))) == (1, 1)
     if node.op == "max_pool2d" and hasattr(ops, "max_pool2d") and nhwc and pool_ok:
-        return _pool_step(node, ops.max_pool2d), "kernforge max_pool2d"
+        return _InPlace(_pool_step(node, ops.max_pool2d)), "kernforge max_pool2d"
     if node.op == "adaptive_avg_pool2d" and hasattr(ops, "adaptive_avg_pool2d") and nhwc:
 
-        def run_avg(args):
-            y = ops.adaptive_avg_pool2d(args[0].permute(0, 3, 1, 2), a["output_size"])
-            return y.permute(0, 2, 3, 1)
+        def run_avg(args, out=None):
+            x = args[0].permute(0, 3, 1, 2)
+            y = ops.adaptive_avg_pool2d(x, a["output_size"], out=_nchw_out(out))
+            return y.permute(0, 2, 3, 1) if out is None else out
 
-        return run_avg, "kernforge adaptive_avg_pool2d"
+        return _InPlace(run_avg), "kernforge adaptive_avg_pool2d"
     if node.op == "linear":
         act = a.get("activation")
         if act in (None, "relu", "gelu", "silu"):
 
-            def run_linear(args):
+            def run_linear(args, out=None):
                 x, w, b, r = _split(node, args, 2, "has_bias", "has_residual")
-                return ops.matmul(x, w.t(), bias=b, activation=act, residual=r)
+                return ops.matmul(x, w.t(), bias=b, activation=act, residual=r, out=out)
 
-            return run_linear, "kernforge matmul (+epilogue)"
+            return _InPlace(run_linear), "kernforge matmul (+epilogue)"
     if node.op == "rms_norm":
 
         def run_rms(args):
