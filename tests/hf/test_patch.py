@@ -208,3 +208,44 @@ def test_patched_model_pickles(tmp_path):
         assert torch.equal(back(ids).logits, m(ids).logits)
     kf.unpatch(m)
     kf.unpatch(back)
+
+
+def test_training_forward_skips_the_packed_sequence_sync(monkeypatch):
+    """With no position ids, mask or cache, the fused-loss forward tells transformers' packed-
+    sequence check that its arange positions are not packed, without the check's device sync;
+    explicit (packed) position ids are still checked, and give unpatched transformers' loss."""
+    from transformers import masking_utils
+
+    from kernforge.hf import loss as hf_loss
+
+    m = model("llama")
+    ids = tokens(2, 12, m.config.vocab_size)
+    labels = labels_of(ids)
+    packed = torch.tensor([list(range(5)) + list(range(7))] * 2, device=ids.device)
+    # Unpatched transformers finds packing only without a cache.
+    ref_packed, ref_packed_g = step(m, ids, labels, position_ids=packed, use_cache=False)
+    kf.patch(m)
+    wrapped = masking_utils.find_packed_sequence_indices
+    original = wrapped._kernforge_original
+    calls = []
+
+    def spy(position_ids):
+        calls.append(position_ids)
+        return original(position_ids)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        hf_loss._skip_packed_check(spy))  # fmt: skip
+    out, _ = step(m, ids, labels)
+    assert out.logits is None and calls == []  # the fused path: not checked, no sync
+    out, g = step(m, ids, labels, position_ids=packed)
+    assert len(calls) == 1 and original(packed) is not None  # checked: packed
+    assert rel_err(out.loss, ref_packed.loss) <= TOL_OUT
+    check_grads(g, ref_packed_g, "packed position ids")
+    with torch.no_grad():
+        m(ids)  # inference builds a cache: transformers checks nothing either way
+    out, _ = step(m, ids, labels, use_cache=True)  # a cache asked for: no check either
+    assert len(calls) == 1
+    kf.unpatch(m)
+    # The wrapper stays installed (like the attention registration) and is transparent.
+    assert masking_utils.find_packed_sequence_indices is not None
+    assert wrapped(packed) is not None and wrapped(torch.arange(6)[None]) is None

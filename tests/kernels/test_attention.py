@@ -139,6 +139,19 @@ def test_fmha_kernel_variants(variant, kw):
         run_fmha(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("variant", _variant_params(VARIANTS))
+def test_fmha_gqa_groups_of_three(variant, layout):
+    """GQA dK/dV: per-q-head fp32 slices summed over groups of 3 (attention_bwd.group_sum),
+    causal over a ragged sequence, in both layouts."""
+    fwd, bwd = VARIANTS[variant]
+    q = rand(qkv_shape(2, 37, 6, 64, layout), BF16)
+    k = rand(qkv_shape(2, 37, 2, 64, layout), BF16)
+    v = rand(qkv_shape(2, 37, 2, 64, layout), BF16)
+    with attn.force_config(fwd=fwd, bwd=bwd):
+        run_fmha(q, k, v, layout=layout, causal=True)
+
+
 def test_fmha_views_of_fused_qkv():
     """q, k, v as slices of one fused projection (strided heads), transposed to bhsd."""
     b, s, hq, hk, d = 2, 9, 4, 2, 64

@@ -13,13 +13,24 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..kernels.fused_linear_ce import default_chunk
+
+#: Bytes of logits per chunk of the fused loss in a training forward: twice the op's default
+#: (:data:`kernforge.kernels.fused_linear_ce.CHUNK_BYTES`, which keeps the loss alone under
+#: 0.1x the memory of the unfused one). In a whole step the chunk is small beside the
+#: activations, and half as many chunks re-read and re-write dW half as often: on an H100
+#: (benchmarks/training.py, Llama-1B shape, 8192 tokens x 128256 vocabulary) 2048-token chunks
+#: instead of 1024 took the fused loss from 21.6 to 19.9 ms for 0.22 GB more peak memory.
+CHUNK_BYTES = 512 << 20
 
 
 def _shifted_labels(labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
@@ -80,6 +91,8 @@ def fused_causal_lm_loss(
     ``lm_head.weight`` [V, H] (+ ``lm_head.bias``), with gradients for both."""
     h = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = _shifted_labels(labels, shift_labels, ignore_index).to(h.device)
+    v = lm_head.weight.shape[0]
+    chunk = default_chunk(h.shape[0], v, h.element_size(), CHUNK_BYTES)
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = ops.fused_linear_cross_entropy(
         h,
@@ -88,6 +101,7 @@ def fused_causal_lm_loss(
         bias=lm_head.bias,
         ignore_index=ignore_index,
         reduction=reduction,
+        chunk_size=chunk,
     )
     return _normalise(loss, num_items_in_batch)
 
@@ -102,6 +116,68 @@ def use_fused_loss(labels, shift_labels, skip_logits: bool | None) -> bool:
     return torch.is_grad_enabled()
 
 
+_positions = threading.local()
+_packed_lock = threading.Lock()
+
+
+def _skip_packed_check(original: Callable) -> Callable:
+    """transformers' ``find_packed_sequence_indices`` that answers None (no packed sequences)
+    without looking, inside :func:`_arange_positions` on this thread."""
+
+    def find_packed_sequence_indices(position_ids):
+        if getattr(_positions, "arange", 0):
+            return None
+        return original(position_ids)
+
+    find_packed_sequence_indices._kernforge_original = original
+    return find_packed_sequence_indices
+
+
+def install_packed_check_skip() -> None:
+    """Wrap ``transformers.masking_utils.find_packed_sequence_indices`` (idempotent).
+
+    With no cache and no attention mask, transformers looks for packed sequences in the
+    position ids, and outside tracing asks the device whether it found any: a host sync at the
+    start of every forward, which stops the CPU from queueing the step while the GPU still runs
+    the previous one (benchmarks/training.py on an H100: 146-151 ms a step with it, 143 ms
+    without). The fused-loss forward builds no cache, so it would meet that check on every
+    step; when it also had no ``position_ids``, the model makes them as ``arange``, which is
+    never packed, and the wrapper answers so without the sync. Everywhere else the wrapper
+    calls transformers' function unchanged.
+    """
+    from transformers import masking_utils
+
+    with _packed_lock:
+        fn = masking_utils.find_packed_sequence_indices
+        if not hasattr(fn, "_kernforge_original"):
+            masking_utils.find_packed_sequence_indices = _skip_packed_check(fn)
+
+
+@contextmanager
+def _arange_positions(on: bool):
+    """Inside (when ``on``), this thread's model forward makes its own arange position ids."""
+    if not on:
+        yield
+        return
+    _positions.arange = getattr(_positions, "arange", 0) + 1
+    try:
+        yield
+    finally:
+        _positions.arange -= 1
+
+
+def _own_positions(position_ids, attention_mask, past_key_values, use_cache) -> bool:
+    """Whether the base model will make arange position ids and check them for packing: none
+    given, no mask, no cache, eager (under torch.compile transformers skips the check)."""
+    return (
+        position_ids is None
+        and attention_mask is None
+        and past_key_values is None
+        and use_cache is False
+        and not torch.compiler.is_compiling()
+    )
+
+
 def make_causal_lm_forward(module: ModuleType, moe: bool) -> Callable:
     """A ``forward`` for the ``...ForCausalLM`` classes of transformers' modeling ``module``
     (Llama-like: ``self.model``, ``self.lm_head``; MoE variants with ``output_router_logits``
@@ -113,6 +189,8 @@ def make_causal_lm_forward(module: ModuleType, moe: bool) -> Callable:
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
     from transformers.utils import can_return_tuple
+
+    install_packed_check_skip()
 
     def _cache(use_cache, past_key_values, labels, skip_logits, kwargs):
         # The fused-loss (training) path returns no logits to continue from, so unless asked,
@@ -158,15 +236,18 @@ def make_causal_lm_forward(module: ModuleType, moe: bool) -> Callable:
         ) -> CausalLMOutputWithPast:
             """kernforge's causal-LM forward (kernforge.hf.loss): fused linear cross-entropy
             when training with labels (logits=None), else transformers' computation."""
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=_cache(use_cache, past_key_values, labels, skip_logits, kwargs),
-                **kwargs,
-            )
+            use_cache = _cache(use_cache, past_key_values, labels, skip_logits, kwargs)
+            own = _own_positions(position_ids, attention_mask, past_key_values, use_cache)
+            with _arange_positions(own):
+                outputs = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    inputs_embeds=inputs_embeds,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
             loss, logits = _loss_and_logits(
                 self, outputs.last_hidden_state, labels, logits_to_keep, skip_logits, kwargs
             )
@@ -202,16 +283,19 @@ def make_causal_lm_forward(module: ModuleType, moe: bool) -> Callable:
         load-balancing loss as transformers adds it."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=_cache(use_cache, past_key_values, labels, skip_logits, kwargs),
-            output_router_logits=output_router_logits,
-            **kwargs,
-        )
+        use_cache = _cache(use_cache, past_key_values, labels, skip_logits, kwargs)
+        own = _own_positions(position_ids, attention_mask, past_key_values, use_cache)
+        with _arange_positions(own):
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_router_logits=output_router_logits,
+                **kwargs,
+            )
         loss, logits = _loss_and_logits(
             self, outputs.last_hidden_state, labels, logits_to_keep, skip_logits, kwargs
         )

@@ -3,7 +3,9 @@
 Three launches, no atomics, deterministic:
 1. ``delta = rowsum(dO * O)`` per query row (fp32).
 2. dK, dV: a program owns BLOCK_N keys of one kv head and walks the query blocks that see them,
-   for every q head of its GQA group, so the group's sum stays in registers.
+   for one q head; with GQA it writes an fp32 slice per q head, and :func:`group_sum` adds
+   each group's slices in one pass and rounds once to dK/dV's dtype (walking the group inside
+   the kernel instead measured 10-20% slower on an H100: 4x fewer programs).
    ``dV += P^T dO``, ``dK += dS^T Q`` with ``dS = P * (dP - delta)`` (times ``1 - tanh^2`` with
    a softcap), P recomputed from the saved log-sum-exp.
 3. dQ: a program owns BLOCK_M queries of one q head and walks their keys: ``dQ += dS K``.
@@ -396,3 +398,34 @@ def launch_bwd(
             BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, USE_TMA=qc.tma, REVERSE=right >= 0,
             num_warps=qc.num_warps, num_stages=qc.num_stages, **flags,
         )  # fmt: skip
+
+
+@triton.jit
+def fmha_bwd_group_sum_kernel(
+    PART, OUT, R, C, GROUP, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``OUT[r, c] = sum_g PART[r, g, c]`` in fp32, rounded once to OUT's dtype."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    mask = (rows < R) & (cols < C)
+    src = PART + rows * GROUP * C + cols
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for g in range(0, GROUP):
+        acc += tl.load(src + g * C, mask=mask, other=0.0)
+    tl.store(OUT + rows * C + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def group_sum(part, out, hk: int, group: int, ax: int) -> None:
+    """``out`` (contiguous, kv heads ``hk`` at axis ``ax``) = the sum over each group of
+    ``group`` consecutive q heads of ``part`` (contiguous fp32, ``hk * group`` heads at
+    ``ax``): one read of part, one write of out (torch's sum then a cast took two passes more).
+    """
+    r = out.shape[:ax].numel() * hk
+    c = out.shape[ax + 1 :].numel()
+    if r == 0 or c == 0:
+        return
+    block_c = min(triton.next_power_of_2(c), 1024)
+    block_r = max(1, 4096 // block_c)
+    grid = (triton.cdiv(r, block_r), triton.cdiv(c, block_c))
+    fmha_bwd_group_sum_kernel[grid](part, out, r, c, group, BLOCK_R=block_r, BLOCK_C=block_c,
+                                    num_warps=4)  # fmt: skip

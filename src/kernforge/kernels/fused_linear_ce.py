@@ -38,9 +38,10 @@ CHUNK_BYTES = 256 << 20
 MIN_CHUNK = 64
 
 
-def default_chunk(tokens: int, vocab: int, elem_bytes: int) -> int:
-    """Tokens per chunk when ``chunk_size`` is None (see :data:`CHUNK_BYTES`)."""
-    rows = max(1, CHUNK_BYTES // max(1, vocab * elem_bytes))
+def default_chunk(tokens: int, vocab: int, elem_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk when ``chunk_size`` is None: the most whose logits fit in
+    ``chunk_bytes`` (see :data:`CHUNK_BYTES`), a power of two, at least :data:`MIN_CHUNK`."""
+    rows = max(1, chunk_bytes // max(1, vocab * elem_bytes))
     chunk = max(MIN_CHUNK, 1 << (rows.bit_length() - 1))
     return max(1, min(chunk, tokens))
 
