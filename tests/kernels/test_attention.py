@@ -281,6 +281,29 @@ def test_fmha_varlen_unscheduled_grid(monkeypatch):
     run_varlen([3, 0, 1, 70], [5, 2, 0, 66], 2, 1, 64, BF16, causal=True)
 
 
+def test_sdpa_route_rules(monkeypatch):
+    """Which dense calls auto dispatch hands to torch's SDPA on Hopper (none elsewhere)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(attn.device, "capability", lambda index=0: (9, 0))
+    monkeypatch.setattr(attn.device, "INTERPRET", False)
+
+    def route(d=64, dtype=torch.bfloat16, **kw):
+        q = SimpleNamespace(is_cuda=True, shape=(2, 16, 4, d), dtype=dtype,
+                            device=SimpleNamespace(index=0))  # fmt: skip
+        args = dict(seq_q=16, seq_k=16, left=-1, right=-1, softcap=0.0, return_lse=False)
+        return attn.sdpa_route(q, **{**args, **kw})
+
+    assert route() and route(d=128) and route(right=0) and route(dtype=torch.float16)
+    assert not route(right=0, seq_k=20)  # causal, fewer queries than keys: aligned otherwise
+    assert not route(left=4) and not route(softcap=5.0) and not route(return_lse=True)
+    assert not route(d=96) and not route(dtype=torch.float32)
+    with kf.backend("triton"):
+        assert not route()
+    monkeypatch.setattr(attn.device, "capability", lambda index=0: (8, 0))
+    assert not route()
+
+
 def test_fmha_varlen_matches_dense():
     """One varlen batch of equal lengths is the dense call."""
     q, k, v = rand((2, 9, 2, 64), F16), rand((2, 9, 2, 64), F16), rand((2, 9, 2, 64), F16)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import checks, device
-from ..dispatch import register_impl
+from ..dispatch import get_backend, register_impl
 from ..errors import ArgumentError, DTypeError, ShapeError
 from ..tune import space as tune_space
 from .attention_bwd import group_sum, launch_bwd
@@ -581,11 +581,37 @@ def _supports_triton(q, k, v, *rest, **kw):
     return triton_reason(q, k, v)
 
 
+#: Head dims at which, on Hopper, auto dispatch hands a dense call that SDPA computes the same
+#: way to torch's SDPA (its cuDNN backend): measured faster there than the Triton kernels at
+#: every dense shape of the attention benchmark (benchmarks/results/attention.md: forward 0.65-
+#: 0.93x of cuDNN's speed, backward 0.77x) and in the issue-7 training step (D64).
+SDPA_HEAD_DIMS_SM90 = (64, 128)
+
+
+def sdpa_route(q, seq_q: int, seq_k: int, left: int, right: int, softcap: float,
+               return_lse: bool) -> bool:  # fmt: skip
+    """Whether ``ops.fmha`` under the "auto" backend runs on torch's SDPA instead of the Triton
+    kernels: on sm_90, float16/bfloat16, head dim in :data:`SDPA_HEAD_DIMS_SM90`, no lse
+    asked, no softcap or window, causal only with as many queries as keys (SDPA's causal mask
+    is aligned top-left). Naming the backend (``kernforge.backend("triton")``) runs ours."""
+    if get_backend() != "auto" or return_lse or not q.is_cuda or device.INTERPRET:
+        return False
+    if device.capability(q.device.index or 0) != (9, 0):
+        return False
+    if q.shape[-1] not in SDPA_HEAD_DIMS_SM90 or q.dtype not in KERNEL_DTYPES:
+        return False
+    return _sdpa_ok(q, left, right, softcap, seq_q, seq_k)
+
+
 @register_impl("fmha", "triton", supports=_supports_triton)
 def fmha_triton(q, k, v, causal, scale, window, softcap, layout, return_lse):
-    """Triton flash attention over a dense batch (see ``ops.fmha``)."""
+    """Triton flash attention over a dense batch (see ``ops.fmha``); on Hopper, the calls of
+    :func:`sdpa_route` run on torch's SDPA (cuDNN), measured faster there."""
     left, right = window_bounds(bool(causal), window)
     sc = scale_value(scale, q.shape[-1])
+    s = 1 if layout == "bshd" else 2  # the sequence axis
+    if sdpa_route(q, q.shape[s], k.shape[s], left, right, softcap_value(softcap), return_lse):
+        return fmha_torch(q, k, v, causal, scale, window, softcap, layout, return_lse)
     out, lse = FmhaFunction.apply(q, k, v, None, None, 0, 0, sc, left, right,
                                   softcap_value(softcap), layout)  # fmt: skip
     return (out, lse) if return_lse else out
