@@ -532,7 +532,8 @@ class Program:
             lines.append(
                 f"  measured ({mem['device']}): activations "
                 f"{_mib(mem['activation_bytes_measured'])} (arena "
-                f"{_mib(mem['arena_bytes'])} + graph pool beyond the outputs "
+                f"{_mib(mem['activation_bytes_measured'] - mem['graph_pool_extra_bytes'])} + "
+                "graph pool beyond the outputs "
                 f"{_mib(mem['graph_pool_extra_bytes'])}), warm-up peak "
                 f"{_mib(mem['peak_bytes_measured'])}"
             )
@@ -714,20 +715,21 @@ def _mib(n: int) -> str:
 
 def _measure(graph, dev: torch.device, base: int, warm_peak: int, out_bytes: int,
              arena_bytes: int) -> dict[str, Any]:  # fmt: skip
-    """What a captured program holds on ``dev`` for activations (see memory_report): the
-    allocator's growth since ``base`` (the arena and what the capture keeps alive: outputs
-    and the steps' caches), plus the bytes the graph's private pool reserves but has free
-    (temporaries freed during capture that every replay reuses), less the outputs."""
-    held = torch.cuda.memory_allocated(dev) - base
-    pool_free = 0
+    """What a captured program holds on ``dev`` for activations (see memory_report): its arena
+    plus every byte its CUDA graph's private pool reserves (temporaries freed during capture,
+    which every replay reuses, and the steps' caches), less the outputs, which live there too.
+    The pool is read from the allocator's snapshot, so memory that other code frees meanwhile
+    cannot hide growth; without snapshots, the allocator's growth since ``base`` is used."""
     try:
         pool = tuple(graph.pool())
-        for seg in torch.cuda.memory_snapshot():
-            if tuple(seg.get("segment_pool_id", ())) == pool:
-                pool_free += int(seg["total_size"]) - int(seg["allocated_size"])
+        pool_bytes = sum(
+            int(seg["total_size"])
+            for seg in torch.cuda.memory_snapshot()
+            if tuple(seg.get("segment_pool_id", ())) == pool
+        )
+        act = arena_bytes + pool_bytes - out_bytes
     except Exception:  # noqa: BLE001 (an allocator without snapshots: count what is held)
-        pool_free = 0
-    act = held + pool_free - out_bytes
+        act = torch.cuda.memory_allocated(dev) - base - out_bytes
     return {
         "device": torch.cuda.get_device_name(dev),
         "activation_bytes_measured": int(act),
