@@ -198,6 +198,24 @@ def make_causal_lm_forward(module: ModuleType, moe: bool) -> Callable:
         fused = use_fused_loss(labels, kwargs.get("shift_labels"), skip_logits)
         return False if use_cache is None and past_key_values is None and fused else use_cache
 
+    def _base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+              use_cache, labels, skip_logits, kwargs, **extra):  # fmt: skip
+        # The base model's outputs; on the fused path without a cache, position ids or mask
+        # the base model makes arange positions, and their packing check is skipped.
+        use_cache = _cache(use_cache, past_key_values, labels, skip_logits, kwargs)
+        own = _own_positions(position_ids, attention_mask, past_key_values, use_cache)
+        with _arange_positions(own):
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **extra,
+                **kwargs,
+            )
+
     def _loss_and_logits(self, hidden_states, labels, logits_to_keep, skip_logits, kwargs):
         shift_labels = kwargs.get("shift_labels")
         if use_fused_loss(labels, shift_labels, skip_logits):
@@ -236,18 +254,8 @@ def make_causal_lm_forward(module: ModuleType, moe: bool) -> Callable:
         ) -> CausalLMOutputWithPast:
             """kernforge's causal-LM forward (kernforge.hf.loss): fused linear cross-entropy
             when training with labels (logits=None), else transformers' computation."""
-            use_cache = _cache(use_cache, past_key_values, labels, skip_logits, kwargs)
-            own = _own_positions(position_ids, attention_mask, past_key_values, use_cache)
-            with _arange_positions(own):
-                outputs = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=past_key_values,
-                    inputs_embeds=inputs_embeds,
-                    use_cache=use_cache,
-                    **kwargs,
-                )
+            outputs = _base(self, input_ids, attention_mask, position_ids, past_key_values,
+                            inputs_embeds, use_cache, labels, skip_logits, kwargs)  # fmt: skip
             loss, logits = _loss_and_logits(
                 self, outputs.last_hidden_state, labels, logits_to_keep, skip_logits, kwargs
             )
@@ -283,19 +291,9 @@ def make_causal_lm_forward(module: ModuleType, moe: bool) -> Callable:
         load-balancing loss as transformers adds it."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        use_cache = _cache(use_cache, past_key_values, labels, skip_logits, kwargs)
-        own = _own_positions(position_ids, attention_mask, past_key_values, use_cache)
-        with _arange_positions(own):
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                output_router_logits=output_router_logits,
-                **kwargs,
-            )
+        outputs = _base(self, input_ids, attention_mask, position_ids, past_key_values,
+                        inputs_embeds, use_cache, labels, skip_logits, kwargs,
+                        output_router_logits=output_router_logits)  # fmt: skip
         loss, logits = _loss_and_logits(
             self, outputs.last_hidden_state, labels, logits_to_keep, skip_logits, kwargs
         )
