@@ -537,7 +537,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                 z = z + residual
             return channels_last(apply_activation(z, activation))
         if residual is not None:
-            return activation_(torch.add(z, residual, out=out), activation)
+            z = torch.add(z, residual, out=out)
         return activation_into(z, activation, out)
     given = out
     if out is None:
@@ -633,26 +633,16 @@ def apply_activation(z: torch.Tensor, activation: str | None) -> torch.Tensor:
     return z
 
 
-def activation_(z: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """``activation`` applied to ``z`` in place (eager torch); returns ``z``."""
-    if activation == "relu":
-        z.relu_()
-    elif activation == "silu":
-        F.silu(z, inplace=True)
-    elif activation == "gelu":
-        z.copy_(F.gelu(z, approximate="tanh"))
-    return z
-
-
 def activation_into(z: torch.Tensor, activation: str | None, out: torch.Tensor) -> torch.Tensor:
-    """``activation(z)`` written into ``out`` by one eager kernel; returns ``out``."""
+    """``activation(z)`` written into ``out`` by one eager kernel (``z`` may be ``out``
+    itself: elementwise, so in place); returns ``out``."""
     if activation == "relu":
         return torch.clamp_min(z, 0, out=out)
     if activation == "silu":
         return torch.ops.aten.silu.out(z, out=out)
     if activation == "gelu":
         return torch.ops.aten.gelu.out(z, approximate="tanh", out=out)
-    return out.copy_(z)
+    return out if z is out else out.copy_(z)
 
 
 def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
