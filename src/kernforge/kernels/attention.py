@@ -608,12 +608,12 @@ def fmha_triton(q, k, v, causal, scale, window, softcap, layout, return_lse):
     """Triton flash attention over a dense batch (see ``ops.fmha``); on Hopper, the calls of
     :func:`sdpa_route` run on torch's SDPA (cuDNN), measured faster there."""
     left, right = window_bounds(bool(causal), window)
-    sc = scale_value(scale, q.shape[-1])
+    cap = softcap_value(softcap)
     s = 1 if layout == "bshd" else 2  # the sequence axis
-    if sdpa_route(q, q.shape[s], k.shape[s], left, right, softcap_value(softcap), return_lse):
+    if sdpa_route(q, q.shape[s], k.shape[s], left, right, cap, return_lse):
         return fmha_torch(q, k, v, causal, scale, window, softcap, layout, return_lse)
-    out, lse = FmhaFunction.apply(q, k, v, None, None, 0, 0, sc, left, right,
-                                  softcap_value(softcap), layout)  # fmt: skip
+    sc = scale_value(scale, q.shape[-1])
+    out, lse = FmhaFunction.apply(q, k, v, None, None, 0, 0, sc, left, right, cap, layout)
     return (out, lse) if return_lse else out
 
 
