@@ -321,12 +321,9 @@ def varlen_tiles_kernel(CU_Q, CU_K, TILES, BATCH, MAX_BLOCKS, N_OUT, LEFT,
     b = idx // MAX_BLOCKS
     j = idx % MAX_BLOCKS
     inb = b < BATCH
-    q0 = tl.load(CU_Q + b, mask=inb, other=0)
-    q1 = tl.load(CU_Q + b + 1, mask=inb, other=0)
-    k0 = tl.load(CU_K + b, mask=inb, other=0)
-    k1 = tl.load(CU_K + b + 1, mask=inb, other=0)
-    seqlen_q = q1 - q0
-    seqlen_k = k1 - k0
+    b_in = tl.minimum(b, BATCH - 1)  # pairs past the batch read its last sequence, unused
+    _, seqlen_q = seq_span(CU_Q, b_in, 0, True)
+    _, seqlen_k = seq_span(CU_K, b_in, 0, True)
     valid = inb & (j * BLOCK_M < seqlen_q)
     diag = seqlen_k - seqlen_q
     hi = seqlen_k
@@ -352,12 +349,12 @@ def varlen_tiles(cu_q, cu_k, batch: int, max_q: int, total_q: int, block_m: int,
                  right: int):  # fmt: skip
     """``(tiles, count)``: the device table of :func:`varlen_tiles_kernel` for a packed batch
     (no host sync: its length bounds the real tiles, sum(ceil(len / block_m)) <= total / block_m
-    + batch), or None when the batch has too many tiles to sort in one program."""
+    + batch), or None when the batch is empty or has too many tiles to sort in one program."""
     import torch
 
     max_blocks = triton.cdiv(max_q, block_m)
     pairs = batch * max_blocks
-    if pairs > MAX_SCHEDULED_TILES or pairs >= 1 << 24 or max_blocks >= 1 << 16:
+    if batch == 0 or pairs > MAX_SCHEDULED_TILES or pairs >= 1 << 24 or max_blocks >= 1 << 16:
         return None
     count = min(pairs, triton.cdiv(total_q, block_m) + batch)
     tiles = torch.empty(count, dtype=torch.int32, device=cu_q.device)
