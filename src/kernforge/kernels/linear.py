@@ -339,7 +339,11 @@ DECODE = GemvConfig(u=2)
 #: M > 8 each lane reads two 16-byte pieces of x per piece of W: two loads of W in flight per
 #: tile instead of four measured best there (benchmarks/gemv_final.py, harness timing).
 DEFAULTS: dict[int, GemvConfig] = {8: DECODE, 16: GemvConfig(r=1, u=2, wn=1, wk=8)}
-TUNED: dict[tuple[int, int], GemvConfig] = {}
+#: Per (N, K) overrides, measured in decode conditions (a CUDA graph of 28 distinct weights,
+#: dependent launches, no split-K; benchmarks/results/gemv_decode_wk.md). Qwen2.5-1.5B's down
+#: projection has only 192 blocks of 8 rows for 132 SMs: 16 warps per block (each streaming a
+#: sixteenth of K) keep twice the loads in flight per SM, 12.0 us instead of 14.0 (M = 1, 8).
+TUNED: dict[tuple[int, int], GemvConfig] = {(1536, 8960): GemvConfig(u=2, wk=16)}
 #: Bytes one extra split costs beyond its partial sums (the last block's fix-up latency:
 #: fence, counter, re-read of the partials; ~1.3 us at 3 TB/s).
 SPLIT_OVERHEAD_BYTES = 4e6
