@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from ..ir import Graph, Node, Value
 from .simplify import dce, rebuild
@@ -132,10 +133,7 @@ def _apply(graph: Graph, plans: dict, op: str) -> Graph:
         if id(node) in plans:
             pending[id(plans[id(node)][2])] = (node, plans[id(node)])
 
-    def make(node: Node, new: Callable[[Value], Value], g: Graph) -> Value | None:
-        got = pending.get(id(node.output))
-        if got is None:
-            return None
+    def make(got: tuple, node: Node, new: Callable[[Value], Value], g: Graph) -> Value:
         base, (res, act, _) = got
         attrs = dict(base.attrs)
         extra = []
@@ -146,14 +144,17 @@ def _apply(graph: Graph, plans: dict, op: str) -> Graph:
             attrs["activation"] = act
         return g.add(op, [*map(new, base.inputs), *extra], base.loc, **attrs)
 
-    return _replace(graph, make)
+    return _replace(graph, pending, make)
 
 
-def _replace(graph: Graph, make: Callable[[Node, Callable[[Value], Value], Graph], Value | None]
-             ) -> Graph:  # fmt: skip
-    """Rebuild ``graph`` with ``make(node, new, g)``'s value in place of each node it returns one
-    for (None: the node is copied); ``new(v)`` is old value ``v``'s value in the new graph.
-    What the replacements leave unused is dropped."""
+#: ``make(plan, node, new, g)``: the new graph's value that replaces ``node`` (see _replace).
+Make = Callable[[Any, Node, Callable[[Value], Value], Graph], Value]
+
+
+def _replace(graph: Graph, found: dict[int, Any], make: Make) -> Graph:
+    """Rebuild ``graph`` with ``make(found[id(v)], node, new, g)`` in place of each ``node``
+    whose output ``v`` is a key of ``found`` (other nodes are copied); ``new(v)`` is old value
+    ``v``'s value in the new graph. What the replacements leave unused is dropped."""
     lookup: dict[int, Value] = {}  # rebuild() maps old values to new: recorded as it goes
 
     def recording(node: Node, ins: list[Value], g: Graph) -> Value:
@@ -161,9 +162,11 @@ def _replace(graph: Graph, make: Callable[[Node, Callable[[Value], Value], Graph
             lookup.update((id(old), new) for old, new in zip(graph.inputs, g.inputs, strict=True))
         for old, new in zip(node.inputs, ins, strict=True):
             lookup[id(old)] = new
-        out = make(node, lambda v: lookup[id(v)], g)
-        if out is None:
+        got = found.get(id(node.output))
+        if got is None:
             out = g.add(node.op, ins, node.loc, **node.attrs)
+        else:
+            out = make(got, node, lambda v: lookup[id(v)], g)
         lookup[id(node.output)] = out
         return out
 
@@ -229,15 +232,12 @@ def match_rms_norm(graph: Graph) -> Graph:
     if not found:
         return graph
 
-    def make(node: Node, new: Callable[[Value], Value], g: Graph) -> Value | None:
-        got = found.get(id(node.output))
-        if got is None:
-            return None
+    def make(got: tuple, node: Node, new: Callable[[Value], Value], g: Graph) -> Value:
         x, w, eps = got
         xs = [new(x)] + ([new(w)] if w is not None else [])
         return g.add("rms_norm", xs, node.loc, eps=eps, has_weight=w is not None)
 
-    return _replace(graph, make)
+    return _replace(graph, found, make)
 
 
 # -- attention -----------------------------------------------------------------------------
@@ -274,15 +274,12 @@ def match_attention(graph: Graph) -> Graph:
     if not found:
         return graph
 
-    def make(node: Node, new: Callable[[Value], Value], g: Graph) -> Value | None:
-        got = found.get(id(node.output))
-        if got is None:
-            return None
+    def make(got: tuple, node: Node, new: Callable[[Value], Value], g: Graph) -> Value:
         q, k, v, scale = got
         return g.add("sdpa", [new(q), new(k), new(v)], node.loc, causal=False, scale=scale,
                      has_mask=False)  # fmt: skip
 
-    return _replace(graph, make)
+    return _replace(graph, found, make)
 
 
 def count_patterns(graph: Graph) -> dict[str, int]:
