@@ -23,6 +23,8 @@ import torch
 
 from .. import checks
 from ..errors import ArgumentError, DeviceError
+from ..kernels.argmax import GreedyStep
+from ..kernels.common import dependent_launches, triton_reason
 from .cache import KVCache
 from .config import ModelConfig, preset
 from .loader import load_config, load_weights, random_weights
@@ -129,6 +131,7 @@ class LLM:
         self.cache: KVCache | None = None
         self._static: dict[tuple, list[torch.Tensor]] = {}  # prefill graphs' input buffers
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
+        self._greedy: dict[int, GreedyStep] = {}  # the in-graph greedy step's buffers, by rows
         self._pool = None
         self.warmup_report = None
         if warmup is not False:
@@ -269,10 +272,18 @@ class LLM:
 
         def greedy_step() -> tuple[torch.Tensor, torch.Tensor]:
             logits = step()
-            tok = torch.argmax(logits, dim=-1)
-            tokens.copy_(tok)
-            lens.add_(1)
-            return logits, tok
+            if triton_reason(logits) is not None:  # e.g. a CPU model beside a GPU: torch
+                tok = torch.argmax(logits, dim=-1)
+                tokens.copy_(tok)
+                lens.add_(1)
+                return logits, tok
+            greedy_kernel = self._greedy.get(rows)
+            if greedy_kernel is None:
+                greedy_kernel = self._greedy[rows] = GreedyStep(rows, logits.shape[1],
+                                                                logits.device)  # fmt: skip
+            with dependent_launches(self.decoder.dependent_launches):
+                greedy_kernel(logits, tokens, lens)  # tokens = argmax, lens += 1, in place
+            return logits, tokens
 
         if greedy:
             return self._run_graph(("decode", rows, "greedy"), greedy_step)
