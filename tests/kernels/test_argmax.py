@@ -50,3 +50,13 @@ def test_greedy_step_errors():
         step(randn((50, 2)).t(), tokens, lens)
     with pytest.raises(ShapeError, match="lens"):
         step(randn((2, 50)), tokens, lens[:1])
+
+
+def test_greedy_step_torch_path_where_triton_cannot_run(monkeypatch):
+    monkeypatch.setattr(argmax, "triton_reason", lambda *t: "no Triton on this device")
+    logits = randn((2, 300))
+    tokens = torch.full((2,), -1, dtype=torch.long, device=DEVICE)
+    lens = torch.tensor([4, 9], dtype=torch.int32, device=DEVICE)
+    argmax.GreedyStep(2, 300, torch.device(DEVICE))(logits, tokens, lens)
+    assert torch.equal(tokens, torch.argmax(logits, dim=-1))
+    assert lens.tolist() == [5, 10]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ShapeError
-from .common import dependent_start, pdl_args
+from .common import dependent_start, pdl_args, triton_reason
 
 #: Logits each program reads (a larger block means fewer partial results, a longer program).
 BLOCK = 4096
@@ -51,7 +51,8 @@ class GreedyStep:
 
     ``step(logits, tokens, lens)``: ``tokens[r] = argmax(logits[r])`` and ``lens[r] += 1`` for
     every row, in one launch. ``logits`` [rows, vocab] with unit stride along the vocabulary;
-    ``tokens`` and ``lens`` contiguous [rows] integer tensors on its device.
+    ``tokens`` and ``lens`` contiguous [rows] integer tensors on its device. Where Triton cannot
+    run on the logits' device, ``torch.argmax`` then a copy and an add do the same.
     """
 
     def __init__(self, rows: int, vocab: int, device: torch.device):
@@ -73,6 +74,10 @@ class GreedyStep:
                     f"GreedyStep: {name} must be contiguous [{self.rows}] on {logits.device}, "
                     f"got {tuple(t.shape)} on {t.device}"
                 )
+        if triton_reason(logits) is not None:  # e.g. a CPU model on a GPU host: torch
+            tokens.copy_(torch.argmax(logits, dim=-1))
+            lens.add_(1)
+            return
         _greedy_kernel[(self.programs, self.rows)](
             logits, self.vocab, logits.stride(0), self.values, self.index, self.counters,
             tokens, lens, BLOCK=BLOCK, P=self.programs,

@@ -24,7 +24,7 @@ import torch
 from .. import checks
 from ..errors import ArgumentError, DeviceError
 from ..kernels.argmax import GreedyStep
-from ..kernels.common import dependent_launches, triton_reason
+from ..kernels.common import dependent_launches
 from .cache import KVCache
 from .config import ModelConfig, preset
 from .loader import load_config, load_weights, random_weights
@@ -272,11 +272,6 @@ class LLM:
 
         def greedy_step() -> tuple[torch.Tensor, torch.Tensor]:
             logits = step()
-            if triton_reason(logits) is not None:  # e.g. a CPU model beside a GPU: torch
-                tok = torch.argmax(logits, dim=-1)
-                tokens.copy_(tok)
-                lens.add_(1)
-                return logits, tok
             greedy_kernel = self._greedy.get(rows)
             if greedy_kernel is None:
                 greedy_kernel = self._greedy[rows] = GreedyStep(rows, logits.shape[1],
