@@ -212,6 +212,60 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     checks.same_device(op, x=x, weight=weight, bias=bias)
 
 
+@dispatch("fused_linear")
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+):
+    """A linear layer with the work around it in a transformer decoder layer, in this order:
+
+    - with ``norm_weight``: x is first normalised, ``rms_norm(x, norm_weight, eps)``;
+    - ``y = x @ weight.T + bias`` (weight [N, K], ``nn.Linear``'s layout);
+    - with ``swiglu``: ``y = silu(y[..., 0::2]) * y[..., 1::2]`` [..., N / 2]: weight holds the
+      gate and up projections' rows interleaved (gate row j at row 2j, up row j at 2j + 1);
+    - with ``residual`` (y's shape): ``y = y + residual``.
+
+    For at most 16 rows of x on the GPU (LLM decode; bf16/fp16, K a multiple of 8, a
+    contiguous weight, no autograd) this is one launch of the CUDA GEMV: each lane scales its
+    x fragments by the norm weight as it reads them and adds up their squares, the block
+    scales its outputs by ``rsqrt(mean(x**2) + eps)``, and SwiGLU and the residual add run in
+    the epilogue. It rounds where the unfused ops do, except that x is multiplied by the norm
+    weight before the ``rsqrt`` scale rather than after. Elsewhere the ops run one after
+    another (``rms_norm``, ``linear``, ``swiglu``, an add), differentiable.
+    """
+    op = "fused_linear"
+    checks.tensor(op, "x", x)
+    checks.floating(op, "x", x)
+    checks.tensor(op, "weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ShapeError(
+            f"fused_linear: weight must be [out_features, {x.shape[-1]}] (nn.Linear's layout, "
+            f"in_features = x's last dimension), got shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        checks.tensor(op, "bias", bias)
+        checks.shape(op, "bias", bias, (weight.shape[0],), "one value per output feature")
+    checks.last_dim_vector(op, "norm_weight", norm_weight, x)
+    if swiglu and weight.shape[0] % 2:
+        raise ShapeError(
+            f"fused_linear: swiglu takes gate/up row pairs, an even number of weight rows, got "
+            f"{weight.shape[0]}"
+        )
+    out_features = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if residual is not None:
+        checks.tensor(op, "residual", residual)
+        checks.shape(op, "residual", residual, (*x.shape[:-1], out_features), "y's shape")
+    checks.same_dtype(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight,
+                      residual=residual)  # fmt: skip
+    checks.same_device(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight,
+                       residual=residual)  # fmt: skip
+
+
 # --- GEMM: matmul and bmm (kernels/matmul.py) -----------------------------------------------------
 
 

@@ -52,9 +52,23 @@ def test_gemv_launch_arguments_are_checked():
     x = torch.randn(1, 64).bfloat16()
     w = torch.randn(17, 64).bfloat16()
     out = torch.empty(1, 17, dtype=torch.bfloat16)
-    k.check_args(x, w, None, out, None, None, 1, 17, 64, 64, 0, require_cuda=False)
+    rest = (None, None, 1, 17, 64, 64, 0, None, None, 0.0)  # partial .. eps
+    k.check_args(x, w, None, out, *rest, require_cuda=False)
     with pytest.raises(kf.errors.ArgumentError):  # fp16 weight for a bf16 kernel
-        k.check_args(x, w.half(), None, out, None, None, 1, 17, 64, 64, 0, require_cuda=False)
+        k.check_args(x, w.half(), None, out, *rest, require_cuda=False)
+
+
+FUSIONS = [linear.Fusion(rms, glu, res) for rms in (0, 1) for glu in (0, 1) for res in (0, 1)]
+
+
+@needs_nvrtc
+def test_every_fused_gemv_variant_compiles():
+    """fused_linear's variants (norm, SwiGLU, residual), as the decode step launches them."""
+    for dtype, mt, cfg in linear.shipped_variants():
+        for fusion in FUSIONS[1:]:
+            k = linear.gemv_kernel(dtype, mt, cfg, arch="sm_90", pdl=True, fusion=fusion)
+            assert len(k.cubin) > 1000, (dtype, mt, cfg, fusion)
+            assert [p.name for p in k.params][-3:] == ["nw", "res", "eps"]
 
 
 @pytest.mark.parametrize(
@@ -284,3 +298,171 @@ def test_gemv_launch_variants(cfg, m, splits):
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     linear.gemv(x, w, b, out, p)
     assert_close(out, ref_linear(x, w, b), dtype, f"{cfg} S={p.splits}")
+
+
+# ---------------------------------------------------------------- fused_linear
+
+
+def ref_fused_linear(x, w, b, nw, eps, swiglu, res, dtype):
+    """float64 reference of ops.fused_linear, rounded to ``dtype`` where the unfused ops hand a
+    tensor to the next: the normalised x, y before SwiGLU, y before the residual add."""
+    xd = x.double()
+    if nw is not None:
+        xd = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * nw.double()).to(dtype)
+    y = torch.nn.functional.linear(xd.double(), w.double(), None if b is None else b.double())
+    if swiglu:
+        y = y.to(dtype).double()
+        y = torch.nn.functional.silu(y[..., 0::2]) * y[..., 1::2]
+    if res is not None:
+        y = y.to(dtype).double() + res.double()
+    return y
+
+
+def fused_args(shape, n, dtype, norm, swiglu, has_res, has_bias, layout="contiguous"):
+    """Random inputs of ops.fused_linear: x [*shape], weight [n, K] and the optional rest."""
+    k = shape[-1]
+    x = randn(shape, dtype, layout=layout)
+    w = randn((n, k), dtype, scale=k**-0.5)
+    b = randn((n,), dtype) if has_bias else None
+    nw = (1 + 0.3 * randn((k,))).to(dtype) if norm else None
+    res = randn((*shape[:-1], n // 2 if swiglu else n), dtype) if has_res else None
+    return x, w, b, nw, res
+
+
+COMBOS = [  # (norm, swiglu, residual, bias): the decoder's four uses first, then the rest
+    (True, False, False, True), (False, False, True, False), (True, True, False, False),
+    (True, False, False, False), (False, True, True, True), (True, True, True, True),
+    (False, False, False, False),
+]  # fmt: skip
+COMBO_IDS = ["".join(c for c, on in zip("NSRB", combo, strict=True) if on) or "plain"
+             for combo in COMBOS]  # fmt: skip
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("shape", [(1, 40), (3, 24), (2, 5, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_linear_matches_reference(dtype, shape, combo):
+    """Every backend auto picks on this machine (the unfused ops on the CPU, the interpreter's
+    Triton kernels in CI) and the torch reference; x non-contiguous."""
+    norm, swiglu, has_res, has_bias = combo
+    x, w, b, nw, res = fused_args(shape, 34, dtype, norm, swiglu, has_res, has_bias, "strided")
+    want = ref_fused_linear(x, w, b, nw, 1e-6, swiglu, res, dtype)
+    for name in ("auto", "torch"):
+        with kf.backend(name):
+            y = ops.fused_linear(x, w, b, nw, 1e-6, swiglu=swiglu, residual=res)
+        assert y.dtype == dtype
+        assert_close(y, want, dtype, name, tol_scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_linear_gradients(dtype):
+    """More than 16 rows or autograd: the unfused ops, differentiable in every input."""
+    x, w, b, nw, res = fused_args((2, 3, 24), 34, dtype, True, True, True, True)
+    leaves = [t.requires_grad_() for t in (x, w, b, nw, res)]
+    y = ops.fused_linear(x, w, b, nw, 1e-6, swiglu=True, residual=res)
+    gy = randn(y.shape, dtype)
+    got = grads([y], leaves, [gy])
+    ref_leaves = f64(*leaves)
+    ref = ref_fused_linear(*ref_leaves[:2], ref_leaves[2], ref_leaves[3], 1e-6, True,
+                           ref_leaves[4], torch.float64)  # fmt: skip
+    want = grads([ref], ref_leaves, [gy.double()])
+    for g, r, what in zip(got, want, ["x", "weight", "bias", "norm_weight", "residual"],
+                          strict=True):  # fmt: skip
+        assert g is not None and g.dtype == dtype, what
+        assert_close(g, r, dtype, f"d{what}", tol_scale=4.0)
+
+
+def test_fused_linear_errors():
+    x, w = randn((2, 16)), randn((6, 16))
+    with pytest.raises(ShapeError):
+        ops.fused_linear(x, randn((6, 8)))
+    with pytest.raises(ShapeError):
+        ops.fused_linear(x, w, randn((5,)))
+    with pytest.raises(ShapeError):
+        ops.fused_linear(x, w, norm_weight=randn((8,)))
+    with pytest.raises(ShapeError):  # odd rows: no gate/up pairs
+        ops.fused_linear(x, randn((5, 16)), swiglu=True)
+    with pytest.raises(ShapeError):  # the residual has y's shape: [2, 3] after SwiGLU
+        ops.fused_linear(x, w, swiglu=True, residual=randn((2, 6)))
+    with pytest.raises(DTypeError):
+        ops.fused_linear(x, w.double())
+    with pytest.raises(DTypeError):
+        ops.fused_linear(x, w, residual=randn((2, 6), torch.bfloat16))
+    with pytest.raises(TypeError):
+        ops.fused_linear(x, "w")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("nk", [(2048, 1536), (34, 264), (1000, 4104), (17920, 1536), (2, 8)],
+                         ids=str)  # fmt: skip
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("dtype", GEMV_DTYPES, ids=str)
+def test_fused_gemv_matches_reference(dtype, m, nk, combo):
+    """The one-launch CUDA GEMV against the float64 reference, run twice (deterministic)."""
+    norm, swiglu, has_res, has_bias = combo
+    n, k = nk
+    x, w, b, nw, res = fused_args((m, k), n, dtype, norm, swiglu, has_res, has_bias)
+    args = {"x": x, "weight": w, "bias": b, "norm_weight": nw, "residual": res}
+    assert dispatch.select("fused_linear", args).backend == "cuda"
+    y = ops.fused_linear(x, w, b, nw, 1e-6, swiglu=swiglu, residual=res)
+    again = ops.fused_linear(x, w, b, nw, 1e-6, swiglu=swiglu, residual=res)
+    want = ref_fused_linear(x, w, b, nw, 1e-6, swiglu, res, dtype)
+    assert_close(y, want, dtype, "y", tol_scale=2.0)
+    assert torch.equal(y, again), "the fused GEMV is not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("cfg", VARIANTS, ids=str)
+def test_fused_gemv_launch_variants(cfg, m, splits):
+    """The fusions in the tuning sweep's configs (several warps along N, pipelined loads): the
+    norm and SwiGLU run without split-K whatever the plan says, the residual with it."""
+    dtype, n, k = torch.float16, 1000, 4104
+    for combo in COMBOS:
+        norm, swiglu, has_res, has_bias = combo
+        x, w, b, nw, res = fused_args((m, k), n, dtype, norm, swiglu, has_res, has_bias)
+        p = linear.plan(m, n, k, kf.device.num_sms(), cfg, splits=splits)
+        out = torch.full((m, n // 2 if swiglu else n), float("nan"), dtype=dtype, device=DEVICE)
+        linear.gemv(x, w, b, out, p, norm_weight=nw, eps=1e-6, swiglu=swiglu, residual=res)
+        want = ref_fused_linear(x, w, b, nw, 1e-6, swiglu, res, dtype)
+        assert_close(out, want, dtype, f"{cfg} S={p.splits} {combo}", tol_scale=2.0)
+
+
+@pytest.mark.gpu
+def test_fused_gemv_leading_dims_strided_input_and_large_m():
+    """[B, S, K] inputs keep their leading dims; strided x and a misaligned norm weight are
+    copied for the GEMV; more than 16 rows take the unfused ops."""
+    dtype, n, k = torch.bfloat16, 34, 264
+    for shape in [(2, 3, k), (1, 1, k), (4, 8, k)]:
+        x, w, b, _, res = fused_args(shape, n, dtype, True, True, True, True, "strided")
+        nw = (1 + 0.3 * randn((k + 1,))).to(dtype)[1:]  # 2 bytes past a 16-byte boundary
+        y = ops.fused_linear(x, w, b, nw, 1e-6, swiglu=True, residual=res)
+        assert y.shape == (*shape[:-1], n // 2)
+        want = ref_fused_linear(x, w, b, nw, 1e-6, True, res, dtype)
+        assert_close(y, want, dtype, str(shape), tol_scale=2.0)
+
+
+@pytest.mark.gpu
+def test_fused_gemv_under_torch_compile():
+    dtype, n, k = torch.bfloat16, 100, 264
+    x, w, b, nw, res = fused_args((4, k), n, dtype, True, False, True, True)
+    fn = torch.compile(lambda *a: ops.fused_linear(*a[:4], 1e-6, residual=a[4]) * 2,
+                       fullgraph=True)  # fmt: skip
+    want = 2 * ref_fused_linear(x, w, b, nw, 1e-6, False, res, dtype)
+    assert_close(fn(x, w, b, nw, res), want, dtype, "compiled", tol_scale=2.0)
+
+
+@pytest.mark.gpu
+def test_norm_runs_in_the_loop_only_where_the_blocks_fit():
+    """Qwen2.5-1.5B's q/k/v projection (256 blocks) takes the norm in its loop; its head (18992
+    blocks) runs ops.rms_norm first; both give the reference."""
+    dtype, k = torch.bfloat16, 1536
+    x = randn((1, k), dtype)
+    assert linear.norm_in_loop(1, 2048, x)
+    assert not linear.norm_in_loop(1, 151936, x)
+    for n in (2048, 151936):
+        _, w, _, nw, _ = fused_args((1, k), n, dtype, True, False, False, False)
+        want = ref_fused_linear(x, w, None, nw, 1e-6, False, None, dtype)
+        assert_close(ops.fused_linear(x, w, None, nw), want, dtype, str(n), tol_scale=2.0)

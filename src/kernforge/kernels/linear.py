@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import cuda as kcuda
 from .. import device
 from ..dispatch import register_impl
-from .common import arrival_counters, new_output, op_call, pdl
+from .common import arrival_counters, new_output, op_call, pdl, triton_reason
 
 #: Most rows of x (the product of its leading dimensions) the GEMV takes; more go to torch.
 MAX_M = 16
@@ -50,7 +50,16 @@ GEMV_SOURCE = r"""
 // added through shared memory), KF_HINT (cache hint of W loads), KF_PIPE (1: load the
 // next U pieces before using the current ones), KF_PDL (1: a programmatic dependent launch:
 // blocks wait for the previous kernel before reading x or writing anything; requesting W, or
-// prefetching it to L2, before that wait measured slower in the decode step).
+// prefetching it to L2, before that wait measured slower in the decode step), and the fusions
+// of an LLM decoder layer (ops.fused_linear), each 0 or 1, no split-K over blocks with the
+// first two:
+//   KF_RMS: RMSNorm of x (weight nw) fused into the main loop. Each lane scales its x fragments
+//     by nw's (one packed multiply, rounded to KF_T) and adds up their squares in fp32; after
+//     the loop the block sums them over its K slices and scales its outputs by
+//     rsqrt(mean(x^2) + eps). x is read once, as without the norm: no extra pass or launch.
+//   KF_GLU: SwiGLU. W's rows hold gate and up interleaved (row 2j gate j, 2j + 1 up j), so the
+//     lane that computes output 2j also computes 2j + 1: y[m, j] = silu(g) * u, y [M, N / 2].
+//   KF_RES: a residual added to the (rounded) result: y = round(y) + res, as torch adds.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -63,6 +72,17 @@ GEMV_SOURCE = r"""
 #ifndef KF_PDL
 #define KF_PDL 0
 #endif
+#ifndef KF_RMS
+#define KF_RMS 0
+#endif
+
+#ifndef KF_GLU
+#define KF_GLU 0
+#endif
+#ifndef KF_RES
+#define KF_RES 0
+#endif
+
 
 __device__ __forceinline__ uint4 kf_ld_stream(const void* p) {
     // W is read once: keep it out of L1 (x lives there), ask L2 for whole 256-byte lines.
@@ -116,6 +136,47 @@ __device__ __forceinline__ KF_T kf_from_float(float v) {
 #endif
 }
 
+// Two packed elements as floats, and two floats rounded into a packed pair.
+__device__ __forceinline__ float2 kf_unpack(unsigned v) {
+#if KF_BF16
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+#else
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+#endif
+}
+
+__device__ __forceinline__ unsigned kf_mul2(unsigned a, unsigned b) {
+#if KF_BF16
+    __nv_bfloat162 h = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                               *reinterpret_cast<const __nv_bfloat162*>(&b));
+#else
+    __half2 h = __hmul2(*reinterpret_cast<const __half2*>(&a),
+                        *reinterpret_cast<const __half2*>(&b));
+#endif
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+// KF_RMS: add the squares of x's 8 elements to ss, then scale them by the norm weight's.
+__device__ __forceinline__ void kf_norm_piece(uint4& x, const uint4& nw, float& ss) {
+    unsigned* a = reinterpret_cast<unsigned*>(&x);
+    const unsigned* b = reinterpret_cast<const unsigned*>(&nw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = kf_unpack(a[i]);
+        ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+        a[i] = kf_mul2(a[i], b[i]);
+    }
+}
+
+// Store one output, with the residual added (KF_RES) as torch adds two KF_T tensors.
+__device__ __forceinline__ void kf_put(KF_T* __restrict__ y, const KF_T* __restrict__ res,
+                                       size_t i, float v) {
+#if KF_RES
+    v = kf_to_float(kf_from_float(v)) + kf_to_float(res[i]);
+#endif
+    y[i] = kf_from_float(v);
+}
+
 // One step: two mmas per 16-byte piece of W (k order permuted identically in x and W).
 template <int R>
 __device__ __forceinline__ void kf_step(float (&acc)[R][4], const uint4& xa, const uint4& xb,
@@ -130,7 +191,8 @@ __device__ __forceinline__ void kf_step(float (&acc)[R][4], const uint4& xa, con
 extern "C" __global__ void __launch_bounds__(KF_WN * KF_WK * 32)
 kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __restrict__ bias,
         KF_T* __restrict__ y, float* __restrict__ partial, unsigned int* __restrict__ counters,
-        int M, int N, int K, int kchunk, int has_bias) {
+        int M, int N, int K, int kchunk, int has_bias, const KF_T* __restrict__ nw,
+        const KF_T* __restrict__ res, float eps) {
     constexpr int R = KF_R, U = KF_U, MT = KF_MT, WN = KF_WN, WK = KF_WK;
     constexpr int NB = 8 * R * WN;  // rows of W per block
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -153,6 +215,10 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
     const KF_T* xa_row = x + (size_t)(has_a ? r : 0) * K + q * 8;
     const KF_T* xb_row = x + (size_t)(has_b ? r + 8 : 0) * K + q * 8;
     const uint4 zero = make_uint4(0, 0, 0, 0);
+#if KF_RMS
+    const KF_T* nw_lane = nw + q * 8;  // the norm weight of this lane's k
+    float ss_a = 0.f, ss_b = 0.f;      // sums of squares of x rows r and r + 8
+#endif
 #if KF_PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;");
@@ -187,6 +253,11 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         for (int j = 0; j < U; ++j) {
             xa[j] = has_a ? kf_ld_x(xa_row + k + 32 * j) : zero;
             xb[j] = has_b ? kf_ld_x(xb_row + k + 32 * j) : zero;
+#if KF_RMS
+            const uint4 nv = kf_ld_x(nw_lane + k + 32 * j);
+            kf_norm_piece(xa[j], nv, ss_a);
+            if (MT > 8) kf_norm_piece(xb[j], nv, ss_b);
+#endif
         }
 #pragma unroll
         for (int j = 0; j < U; ++j) kf_step<R>(acc, xa[j], xb[j], wv[j]);
@@ -210,6 +281,11 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         for (int j = 0; j < U; ++j) {
             xa[j] = has_a ? kf_ld_x(xa_row + k + 32 * j) : zero;
             xb[j] = has_b ? kf_ld_x(xb_row + k + 32 * j) : zero;
+#if KF_RMS
+            const uint4 nv = kf_ld_x(nw_lane + k + 32 * j);
+            kf_norm_piece(xa[j], nv, ss_a);
+            if (MT > 8) kf_norm_piece(xb[j], nv, ss_b);
+#endif
         }
 #pragma unroll
         for (int j = 0; j < U; ++j) kf_step<R>(acc, xa[j], xb[j], wv[j]);
@@ -221,11 +297,37 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         uint4 wv[R];
 #pragma unroll
         for (int t = 0; t < R; ++t) wv[t] = in ? kf_ld_stream(wrow[t] + k) : zero;
-        const uint4 xa = (in && has_a) ? kf_ld_x(xa_row + k) : zero;
-        const uint4 xb = (in && has_b) ? kf_ld_x(xb_row + k) : zero;
+        uint4 xa = (in && has_a) ? kf_ld_x(xa_row + k) : zero;
+        uint4 xb = (in && has_b) ? kf_ld_x(xb_row + k) : zero;
+#if KF_RMS
+        const uint4 nv = in ? kf_ld_x(nw_lane + k) : zero;
+        kf_norm_piece(xa, nv, ss_a);
+        if (MT > 8) kf_norm_piece(xb, nv, ss_b);
+#endif
         kf_step<R>(acc, xa, xb, wv);
     }
 
+#if KF_RMS
+    // The sums of squares: over the 4 lanes of a row, then over the block's K slices (in slice
+    // order: the same sum every run), before any warp leaves.
+    ss_a += __shfl_xor_sync(0xffffffffu, ss_a, 1);
+    ss_a += __shfl_xor_sync(0xffffffffu, ss_a, 2);
+    ss_b += __shfl_xor_sync(0xffffffffu, ss_b, 1);
+    ss_b += __shfl_xor_sync(0xffffffffu, ss_b, 2);
+    __shared__ float ssq[WK][2][8];
+    if (wn == 0 && q == 0) {
+        ssq[wk][0][r] = ss_a;
+        ssq[wk][1][r] = ss_b;
+    }
+    __syncthreads();
+    float tot_a = 0.f, tot_b = 0.f;
+#pragma unroll
+    for (int s = 0; s < WK; ++s) {
+        tot_a += ssq[s][0][r];
+        tot_b += ssq[s][1][r];
+    }
+    const float rstd_a = rsqrtf(tot_a / (float)K + eps), rstd_b = rsqrtf(tot_b / (float)K + eps);
+#endif
     if (WK > 1) {
         // Sum the K slices of the block's warps through shared memory, in slice order.
         __shared__ float red[WK > 1 ? WK - 1 : 1][WN][R * 4][32];
@@ -245,7 +347,34 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
                 for (int i = 0; i < 4; ++i) acc[t][i] += red[s][wn][t * 4 + i][lane];
     }
     // acc[t][0..1]: y[r][n + 2q + {0,1}], acc[t][2..3]: y[r + 8][...], n = n_warp + 8t.
+#if KF_RMS
+#pragma unroll
+    for (int t = 0; t < R; ++t) {
+        acc[t][0] *= rstd_a;
+        acc[t][1] *= rstd_a;
+        acc[t][2] *= rstd_b;
+        acc[t][3] *= rstd_b;
+    }
+#endif
     if (gridDim.y == 1) {
+#if KF_GLU
+#pragma unroll
+        for (int t = 0; t < R; ++t)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // (acc[t][2h], acc[t][2h + 1]): gate j, up j of row m
+                const int m = r + 8 * h, n = n_warp + 8 * t + 2 * q;  // N is even
+                if (m < M && n < N) {
+                    float g = acc[t][2 * h], u = acc[t][2 * h + 1];
+                    if (has_bias) {
+                        g += kf_to_float(bias[n]);
+                        u += kf_to_float(bias[n + 1]);
+                    }
+                    g = kf_to_float(kf_from_float(g));  // rounded, as the unfused ops see them
+                    u = kf_to_float(kf_from_float(u));
+                    kf_put(y, res, (size_t)m * (N / 2) + n / 2, g / (1.f + __expf(-g)) * u);
+                }
+            }
+#else
 #pragma unroll
         for (int t = 0; t < R; ++t)
 #pragma unroll
@@ -254,9 +383,10 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
                 if (m < M && n < N) {
                     float v = acc[t][i];
                     if (has_bias) v += kf_to_float(bias[n]);
-                    y[(size_t)m * N + n] = kf_from_float(v);
+                    kf_put(y, res, (size_t)m * N + n, v);
                 }
             }
+#endif
         return;
     }
 #pragma unroll
@@ -282,7 +412,7 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         for (int s = 0; s < (int)gridDim.y; ++s)  // split order: the same sum every run
             v += __ldcg(partial + ((size_t)s * M + m) * N + n);
         if (has_bias) v += kf_to_float(bias[n]);
-        y[(size_t)m * N + n] = kf_from_float(v);
+        kf_put(y, res, (size_t)m * N + n, v);
     }
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch on this stream
 }
@@ -343,7 +473,14 @@ DEFAULTS: dict[int, GemvConfig] = {8: DECODE, 16: GemvConfig(r=1, u=2, wn=1, wk=
 #: dependent launches, no split-K; benchmarks/results/gemv_decode_wk.md). Qwen2.5-1.5B's down
 #: projection has only 192 blocks of 8 rows for 132 SMs: 16 warps per block (each streaming a
 #: sixteenth of K) keep twice the loads in flight per SM, 12.0 us instead of 14.0 (M = 1, 8).
-TUNED: dict[tuple[int, int], GemvConfig] = {(1536, 8960): GemvConfig(u=2, wk=16)}
+#: Its q/k/v (2048 x 1536) and o (1536 x 1536) projections, a K slice of six 16-byte pieces per
+#: lane: all six loads in flight at once (one round trip to memory, not three) gave 650 tok/s
+#: at batch 1 instead of 644 (benchmarks/results/fused_linear.md); three, 645.
+TUNED: dict[tuple[int, int], GemvConfig] = {
+    (1536, 8960): GemvConfig(u=2, wk=16),
+    (2048, 1536): GemvConfig(u=6),
+    (1536, 1536): GemvConfig(u=6),
+}
 #: Bytes one extra split costs beyond its partial sums (the last block's fix-up latency:
 #: fence, counter, re-read of the partials; ~1.3 us at 3 TB/s).
 SPLIT_OVERHEAD_BYTES = 4e6
@@ -353,8 +490,21 @@ MIN_KCHUNK = 256
 TARGET_WARPS = 16
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """The decoder-layer fusions a GEMV variant compiles in (KF_RMS, KF_GLU, KF_RES in the
+    source): the RMSNorm of x, SwiGLU of interleaved gate/up rows, a residual add."""
+
+    rms: bool = False
+    glu: bool = False
+    res: bool = False
+
+
+NO_FUSION = Fusion()
+
+
 def gemv_options(
-    dtype: torch.dtype, mt: int, cfg: GemvConfig, pdl: bool = False
+    dtype: torch.dtype, mt: int, cfg: GemvConfig, pdl: bool = False, fusion: Fusion = NO_FUSION
 ) -> tuple[str, ...]:
     """NVRTC options (-D defines) of one GEMV variant."""
     bf16 = dtype == torch.bfloat16
@@ -369,14 +519,22 @@ def gemv_options(
         f"-DKF_HINT={cfg.hint}",
         f"-DKF_PIPE={cfg.pipe}",
         f"-DKF_PDL={int(pdl)}",
+        f"-DKF_RMS={int(fusion.rms)}",
+        f"-DKF_GLU={int(fusion.glu)}",
+        f"-DKF_RES={int(fusion.res)}",
     )
 
 
 def gemv_kernel(
-    dtype: torch.dtype, mt: int, cfg: GemvConfig, arch: str | None = None, pdl: bool = False
+    dtype: torch.dtype,
+    mt: int,
+    cfg: GemvConfig,
+    arch: str | None = None,
+    pdl: bool = False,
+    fusion: Fusion = NO_FUSION,
 ):
     """The compiled GEMV variant (cached in memory and on disk by kernforge.cuda)."""
-    options = gemv_options(dtype, mt, cfg, pdl)
+    options = gemv_options(dtype, mt, cfg, pdl, fusion)
     return kcuda.compile(GEMV_SOURCE, "kf_gemv", arch=arch, options=options)
 
 
@@ -429,10 +587,17 @@ def plan(m: int, n: int, k: int, sms: int, cfg: GemvConfig | None = None,
 
 
 def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         out: torch.Tensor, p: GemvPlan | None = None) -> None:  # fmt: skip
-    """Launch the GEMV: ``out[M, N] = x2[M, K] @ weight[N, K].T (+ bias)``, all contiguous."""
+         out: torch.Tensor, p: GemvPlan | None = None, *, norm_weight: torch.Tensor | None = None,
+         eps: float = 0.0, swiglu: bool = False,
+         residual: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Launch the GEMV: ``out[M, N] = x2[M, K] @ weight[N, K].T (+ bias)``, all contiguous;
+    with the fusions of ``ops.fused_linear`` (``norm_weight``, ``swiglu``: out [M, N / 2],
+    ``residual`` [M, N or N / 2]), which run without split-K."""
     m, k = x2.shape
     n = weight.shape[0]
+    fusion = Fusion(norm_weight is not None, swiglu, residual is not None)
+    if fusion.rms or fusion.glu:  # they finish in the block that computed the outputs
+        p = plan(m, n, k, 1, p.config if p else None, splits=1)
     p = p or plan(m, n, k, device.num_sms(x2.device.index or 0))
     counters = partial = None
     if p.splits > 1:
@@ -442,15 +607,22 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         else:
             partial = torch.empty(p.splits * m * n, dtype=torch.float32, device=x2.device)
     dependent = pdl()
-    kernel = gemv_kernel(x2.dtype, p.mt, p.config, pdl=dependent)
+    kernel = gemv_kernel(x2.dtype, p.mt, p.config, pdl=dependent, fusion=fusion)
     kernel.launch(
         x2, weight, bias, out, partial, counters, m, n, k, p.kchunk, int(bias is not None),
-        grid=p.grid, block=32 * p.config.warps, pdl=dependent,
+        norm_weight, residual, float(eps), grid=p.grid, block=32 * p.config.warps, pdl=dependent,
     )  # fmt: skip
 
 
 def _out_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], weight.shape[0])
+
+
+def _rows16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 16-byte aligned (the GEMV reads it in 16-byte pieces)."""
+    if not t.is_contiguous():
+        return t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
 
 
 @torch.library.custom_op("kernforge::linear_gemv", mutates_args=())
@@ -460,9 +632,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if weight.data_ptr() % 16:
         # A view that starts mid-row of its storage: W cannot be read in 16-byte pieces.
         return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, k)
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
-        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
+    x2 = _rows16(x.reshape(-1, k))
     out = new_output(_out_shape(x, weight), x.dtype, x.device)
     if out.numel():
         b = None if bias is None else bias.contiguous()
@@ -537,6 +707,142 @@ def linear_cuda(x, weight, bias=None):
 def linear_torch(x, weight, bias=None):
     """Reference: ``torch.nn.functional.linear``."""
     return F.linear(x, weight, bias)
+
+
+# --- fused_linear: the norm, SwiGLU and residual add of a decoder layer around the GEMV ---------
+
+
+def _fused_out_shape(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> tuple[int, ...]:
+    return (*x.shape[:-1], weight.shape[0] // 2 if swiglu else weight.shape[0])
+
+
+@torch.library.custom_op("kernforge::fused_linear_gemv", mutates_args=())
+def fused_linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool,
+                      residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """One CUDA GEMV launch of ``ops.fused_linear`` for x [..., K] of at most MAX_M rows."""
+    if weight.data_ptr() % 16:
+        # A view that starts mid-row of its storage: W cannot be read in 16-byte pieces.
+        return _fused_linear_ops(x, weight, bias, norm_weight, eps, swiglu, residual)
+    x2 = _rows16(x.reshape(-1, x.shape[-1]))
+    m = x2.shape[0]
+    if norm_weight is not None and not norm_in_loop(m, weight.shape[0], x2):
+        from .. import ops
+
+        x2, norm_weight = ops.rms_norm(x2, norm_weight, eps), None
+    out = new_output(_fused_out_shape(x, weight, swiglu), x.dtype, x.device)
+    gemv(x2, weight, None if bias is None else bias.contiguous(), out.view(m, -1),
+         norm_weight=None if norm_weight is None else _rows16(norm_weight), eps=eps,
+         swiglu=swiglu,
+         residual=None if residual is None else residual.reshape(m, -1).contiguous())  # fmt: skip
+    return out
+
+
+@fused_linear_gemv.register_fake
+def _(x, weight, bias, norm_weight, eps, swiglu, residual):
+    return x.new_empty(_fused_out_shape(x, weight, swiglu))
+
+
+def norm_in_loop(m: int, n: int, x2: torch.Tensor) -> bool:
+    """Whether ``fused_linear`` runs the RMSNorm in the GEMV's loop for x2 [m, K] and n outputs
+    (else ``ops.rms_norm`` runs first): when the GEMV's blocks all fit on the GPU at once.
+
+    The norm's packed multiplies take registers (8 warps of the M <= 8 kernel: 48 instead of
+    40, five blocks per SM instead of six), and fewer resident warps keep fewer loads of W in
+    flight. Measured on an H100 in a decode-like CUDA graph at M = 1 (benchmarks/results/
+    fused_linear.md): Qwen2.5-1.5B's q/k/v (256 blocks) took 5.1 us instead of 5.9 for the norm
+    kernel and the GEMV, but its gate/up (2240 blocks) 24.1 instead of 22.0, its head (18992
+    blocks) 168 instead of 153."""
+    p = plan(m, n, x2.shape[1], 1, splits=1)
+    kernel = gemv_kernel(x2.dtype, p.mt, p.config, pdl=pdl(), fusion=Fusion(rms=True))
+    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    return p.grid[0] <= resident_blocks(kernel, 32 * p.config.warps, index)
+
+
+#: Registers and shared memory of an SM on Hopper (and Ampere's A100: the same register file).
+REGS_PER_SM = 65536
+SMEM_PER_SM = 228 * 1024
+
+
+@functools.cache
+def resident_blocks(kernel, threads: int, index: int) -> int:
+    """Blocks of ``kernel`` (``threads`` each) that fit on GPU ``index`` at once: the registers,
+    threads and shared memory of an SM, times its SMs."""
+    a = kernel.attributes(index)
+    regs_warp = -(-a["num_regs"] * 32 // 256) * 256  # allocated per warp, 256 at a time
+    by_regs = REGS_PER_SM // (threads // 32 * regs_warp)
+    by_smem = SMEM_PER_SM // (a["shared_size_bytes"] + 1024)  # 1 KiB reserved per block
+    return device.num_sms(index) * max(1, min(by_regs, 2048 // threads, by_smem, 32))
+
+
+def _fused_linear_ops(x, weight, bias, norm_weight, eps, swiglu, residual):
+    """The unfused sequence: ``ops.rms_norm``, torch's linear (cuBLAS on the GPU: these are the
+    calls of more than 16 rows, or with autograd), ``ops.swiglu`` of the strided gate/up
+    columns, the residual add."""
+    from .. import ops
+
+    if norm_weight is not None:
+        x = ops.rms_norm(x, norm_weight, eps)
+    y = F.linear(x, weight, bias)
+    if swiglu:
+        y = ops.swiglu(y[..., 0::2], y[..., 1::2])
+    return y if residual is None else y + residual
+
+
+def _gemv_runs(x, weight, bias, norm_weight, residual) -> bool:
+    """Whether ``fused_linear`` on the CUDA backend runs as one GEMV launch."""
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, norm_weight, residual)
+    )
+    return (
+        _supports_cuda(x, weight, bias) is None
+        and 0 < rows_of(x) <= MAX_M
+        and weight.shape[0] > 0
+        and not grad
+    )
+
+
+def _supports_fused_cuda(x, weight, bias=None, norm_weight=None, eps=1e-6, swiglu=False,
+                         residual=None):  # fmt: skip
+    return _supports_cuda(x, weight, bias)
+
+
+def _supports_fused_triton(x, weight, bias=None, norm_weight=None, eps=1e-6, swiglu=False,
+                           residual=None):  # fmt: skip
+    if _gemv_runs(x, weight, bias, norm_weight, residual):
+        return "the CUDA GEMV runs it in one launch (backend 'cuda')"
+    return triton_reason(x, weight, norm_weight)
+
+
+@register_impl("fused_linear", "cuda", supports=_supports_fused_cuda)
+def fused_linear_cuda(x, weight, bias=None, norm_weight=None, eps=1e-6, swiglu=False,
+                      residual=None):  # fmt: skip
+    """One CUDA GEMV launch for at most 16 rows without autograd; the unfused ops otherwise."""
+    if not _gemv_runs(x, weight, bias, norm_weight, residual):
+        return _fused_linear_ops(x, weight, bias, norm_weight, eps, swiglu, residual)
+    return op_call(fused_linear_gemv, x, weight, bias, norm_weight, eps, swiglu, residual)
+
+
+@register_impl("fused_linear", "triton", supports=_supports_fused_triton)
+def fused_linear_triton(x, weight, bias=None, norm_weight=None, eps=1e-6, swiglu=False,
+                        residual=None):  # fmt: skip
+    """The unfused ops (the Triton norm and SwiGLU, torch's linear between them): what runs
+    where the one-launch GEMV does not (more than 16 rows, autograd, the CPU interpreter)."""
+    return _fused_linear_ops(x, weight, bias, norm_weight, eps, swiglu, residual)
+
+
+@register_impl("fused_linear", "torch")
+def fused_linear_torch(x, weight, bias=None, norm_weight=None, eps=1e-6, swiglu=False,
+                       residual=None):  # fmt: skip
+    """Reference: rms_norm (fp32 statistics), ``F.linear``, ``silu(gate) * up``, the add."""
+    if norm_weight is not None:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        x = xf.to(x.dtype) * norm_weight
+    y = F.linear(x, weight, bias)
+    if swiglu:
+        y = F.silu(y[..., 0::2]) * y[..., 1::2]
+    return y if residual is None else y + residual
 
 
 @functools.cache
