@@ -4,8 +4,9 @@ Models (random weights, bf16, built from kernforge.llm's presets): ``qwen2.5-1.5
 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960, vocab 151936, tied) and
 ``llama3-8b``. For each: prompts of 128 random tokens, 256 new tokens (greedy, end-of-sequence
 ignored), batch sizes 1 / 8 / 64 (8B: 1 and 8); prefill of 1 x 512 tokens. Hugging Face eager
-runs the same weights (``hf_state_dict``, shared storage) in the same process, for fewer new
-tokens (``--hf-new-tokens``, default 64: its per-token time is host-bound and flat).
+runs the same weights (``hf_state_dict``: shared storage, gate/up copied) in the same process,
+for fewer new tokens (``--hf-new-tokens``, default 64: its per-token time is host-bound and
+flat).
 
 Decode tokens/s = rows x decode steps / decode wall time (after the first token, host included:
 the whole ``generate`` loop); time to first token = prefill + first sample, wall time after a
@@ -108,8 +109,10 @@ def bench_hf(name: str, llm, args) -> dict:
              tie_word_embeddings=cfg.tie_word_embeddings)  # fmt: skip
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.bfloat16).eval()
-    # The same weights as kernforge's model (shared storage; HF's own are freed).
-    model.load_state_dict(hf_state_dict(llm.decoder.weights, cfg), strict=True, assign=True)
+    # The same weights as kernforge's model (shared storage, but for the gate and up
+    # projections: strided views of kernforge's interleaved gate_up, copied contiguous).
+    state = {k: v.contiguous() for k, v in hf_state_dict(llm.decoder.weights, cfg).items()}
+    model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.tie_weights()
     torch.cuda.empty_cache()

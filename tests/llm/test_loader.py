@@ -151,7 +151,9 @@ def test_fused_layout_and_tied_head(saved):
     assert torch.equal(layer.qkv[q + kv :], attn.v_proj.weight)
     assert torch.equal(layer.qkv_bias[q : q + kv], attn.k_proj.bias)
     mlp = model.model.layers[1].mlp
-    assert torch.equal(layer.gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    # gate and up rows interleaved: gate j is row 2j, up j row 2j + 1
+    gate_up = torch.stack([mlp.gate_proj.weight, mlp.up_proj.weight], 1).flatten(0, 1)
+    assert layer.gate_up.is_contiguous() and torch.equal(layer.gate_up, gate_up)
 
 
 def test_cross_shard_fused_tensors(saved):
@@ -173,7 +175,7 @@ def test_cross_shard_fused_tensors(saved):
         attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
         want_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         assert torch.equal(w.layers[i].qkv, want_qkv)
-        want_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        want_gate_up = torch.stack([mlp.gate_proj.weight, mlp.up_proj.weight], 1).flatten(0, 1)
         assert torch.equal(w.layers[i].gate_up, want_gate_up)
 
 

@@ -129,7 +129,7 @@ def _hf_items(weights: DecoderWeights, config: ModelConfig) -> Iterator[tuple[st
     """(Hugging Face name, view into ``weights``) for every tensor a checkpoint stores;
     ``lm_head.weight`` only when untied. The fused tensors are split into row views."""
     c = config
-    q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
+    q, kv = c.q_size, c.kv_size
     yield "model.embed_tokens.weight", weights.embed
     for i, layer in enumerate(weights.layers):
         p = f"model.layers.{i}."
@@ -147,8 +147,8 @@ def _hf_items(weights: DecoderWeights, config: ModelConfig) -> Iterator[tuple[st
             yield p + "self_attn.k_norm.weight", layer.k_norm
         yield p + "self_attn.o_proj.weight", layer.o
         yield p + "post_attention_layernorm.weight", layer.mlp_norm
-        yield p + "mlp.gate_proj.weight", layer.gate_up[:inter]
-        yield p + "mlp.up_proj.weight", layer.gate_up[inter:]
+        yield p + "mlp.gate_proj.weight", layer.gate_up[0::2]  # rows interleaved (weights.py)
+        yield p + "mlp.up_proj.weight", layer.gate_up[1::2]
         yield p + "mlp.down_proj.weight", layer.down
     yield "model.norm.weight", weights.final_norm
     if not c.tie_word_embeddings:

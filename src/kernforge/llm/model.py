@@ -1,11 +1,15 @@
 """The decoder forward passes, on catalog ops only: a varlen prefill of packed prompts and a
 decode step of one new token per sequence, both writing keys and values to a :class:`KVCache`.
 
-Per layer: ``rms_norm`` (the residual add fused), one ``linear`` for q/k/v (bias fused);
-for prefill ``rope``, the cache write and ``fmha_varlen``; for decode ``rope_append_kv``
-(qk-norm, rope and the cache write in one kernel) and ``fmha_decode``; then ``linear`` o,
-``rms_norm`` + residual, one ``linear`` for gate/up, ``silu_and_mul``, ``linear`` down.
-Decode ``linear`` calls with at most 16 rows run kernforge's CUDA GEMV.
+Per layer, on the residual stream ``h``: ``fused_linear`` for q/k/v (the attention norm and
+the bias fused); for prefill ``rope``, the cache write and ``fmha_varlen``; for decode
+``rope_append_kv`` (qk-norm, rope and the cache write in one kernel) and ``fmha_decode``; then
+``fused_linear`` o (the residual add fused), ``fused_linear`` gate/up (the MLP norm and SwiGLU
+fused: gate and up rows interleaved in the weight) and ``fused_linear`` down (the residual
+add); at the end ``fused_linear`` for the head (the final norm). With at most 16 rows (decode)
+each ``fused_linear`` is one launch of kernforge's CUDA GEMV (the norm a launch of its own
+before the GEMVs too large for it, ``kernels.linear.norm_in_loop``); prefill runs the norm,
+cuBLAS, SwiGLU and the add one after another.
 """
 
 from __future__ import annotations
@@ -44,16 +48,11 @@ class Decoder:
         w = config.sliding_window
         self.window = None if w is None else (w - 1, 0)  # HF: keys p - w < j <= p
 
-    def _norm(self, h: torch.Tensor, weight: torch.Tensor, res: torch.Tensor | None):
-        """``(rms_norm(h + res), h + res)``; the first layer has no residual yet."""
-        if res is None:
-            return ops.rms_norm(h, weight, self.config.rms_eps), h
-        return ops.rms_norm(h, weight, self.config.rms_eps, residual=res)
-
-    def _qkv(self, x: torch.Tensor, layer: LayerWeights, shape: tuple[int, ...]):
-        """q [*shape, Hq, D], k and v [*shape, Hk, D] (views of one projection's output)."""
+    def _qkv(self, h: torch.Tensor, layer: LayerWeights, shape: tuple[int, ...]):
+        """q [*shape, Hq, D], k and v [*shape, Hk, D] (views of one projection's output) of the
+        normed residual stream ``h``."""
         c = self.config
-        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = ops.fused_linear(h, layer.qkv, layer.qkv_bias, layer.attn_norm, c.rms_eps)
         q = qkv[..., : c.q_size].view(*shape, c.num_heads, c.head_dim)
         k = qkv[..., c.q_size : c.q_size + c.kv_size].view(*shape, c.num_kv_heads, c.head_dim)
         v = qkv[..., c.q_size + c.kv_size :].view(*shape, c.num_kv_heads, c.head_dim)
@@ -62,12 +61,15 @@ class Decoder:
             k = ops.rms_norm(k, layer.k_norm, c.rms_eps)
         return q, k, v
 
-    def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-        return ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up)), layer.down)
+    def _mlp(self, h: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        """``h + down(swiglu(gate_up(rms_norm(h))))``: the MLP block on the residual stream."""
+        act = ops.fused_linear(h, layer.gate_up, None, layer.mlp_norm, self.config.rms_eps,
+                               swiglu=True)  # fmt: skip
+        return ops.fused_linear(act, layer.down, residual=h)
 
-    def _logits(self, h: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-        x, _ = ops.rms_norm(h, self.weights.final_norm, self.config.rms_eps, residual=res)
-        return ops.linear(x, self.weights.lm_head)
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        return ops.fused_linear(h, w.lm_head, None, w.final_norm, self.config.rms_eps)
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_len: int, slots: torch.Tensor, last: torch.Tensor,
@@ -77,10 +79,8 @@ class Decoder:
         returns the logits [n, vocab] of the rows ``last`` [n] (each prompt's last token)."""
         c, n_tok = self.config, tokens.shape[0]
         h = F.embedding(tokens, self.weights.embed)
-        res = None
         for i, layer in enumerate(self.weights.layers):
-            x, res = self._norm(h, layer.attn_norm, res)
-            q, k, v = self._qkv(x, layer, (1, n_tok))
+            q, k, v = self._qkv(h, layer, (1, n_tok))
             q, k = ops.rope(q, k, self.cos, self.sin, position_ids=positions[None])
             k_cache, v_cache = cache.layer(i)
             flat = (-1, c.num_kv_heads, c.head_dim)
@@ -88,10 +88,8 @@ class Decoder:
             v_cache.view(flat).index_copy_(0, slots, v[0])
             o = ops.fmha_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len,
                                 causal=True, window=self.window)  # fmt: skip
-            h = ops.linear(o.reshape(n_tok, c.q_size), layer.o)
-            x, res = self._norm(h, layer.mlp_norm, res)
-            h = self._mlp(x, layer)
-        return self._logits(h[last], res[last])
+            h = self._mlp(ops.fused_linear(o.reshape(n_tok, c.q_size), layer.o, residual=h), layer)
+        return self._logits(h[last])
 
     def decode(self, tokens: torch.Tensor, lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per sequence row: ``tokens`` [B] at positions ``lens`` [B] (int32,
@@ -106,10 +104,8 @@ class Decoder:
         h = F.embedding(tokens, self.weights.embed)
         table = cache.table(rows)
         lens_after = lens + 1
-        res = None
         for i, layer in enumerate(self.weights.layers):
-            x, res = self._norm(h, layer.attn_norm, res)
-            qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = ops.fused_linear(h, layer.qkv, layer.qkv_bias, layer.attn_norm, c.rms_eps)
             k_cache, v_cache = cache.layer(i)
             if table is None:
                 k_cache, v_cache = k_cache[:rows], v_cache[:rows]
@@ -117,7 +113,5 @@ class Decoder:
                                    table, layer.q_norm, layer.k_norm, c.rms_eps)  # fmt: skip
             o = ops.fmha_decode(q[:, None], k_cache, v_cache, lens_after, table,
                                 window=self.window)  # fmt: skip
-            h = ops.linear(o.view(rows, c.q_size), layer.o)
-            x, res = self._norm(h, layer.mlp_norm, res)
-            h = self._mlp(x, layer)
-        return self._logits(h, res)
+            h = self._mlp(ops.fused_linear(o.view(rows, c.q_size), layer.o, residual=h), layer)
+        return self._logits(h)

@@ -1,9 +1,11 @@
 """The decoder's weights in the layout the runtime reads (:class:`DecoderWeights`).
 
 Projections that read the same input are stored concatenated so one GEMV/GEMM reads them:
-``qkv`` is ``[q; k; v]`` rows ([q_size + 2 * kv_size, hidden]) and ``gate_up`` is
-``[gate; up]`` rows ([2 * intermediate, hidden]), the layout :func:`kernforge.ops.silu_and_mul`
-splits. Every matrix is ``nn.Linear``'s [out_features, in_features].
+``qkv`` is ``[q; k; v]`` rows ([q_size + 2 * kv_size, hidden]) and ``gate_up`` holds the gate
+and up rows interleaved ([2 * intermediate, hidden]: gate row j is row 2j, up row j is row
+2j + 1), the layout ``ops.fused_linear(..., swiglu=True)`` takes: its decode GEMV lane that
+computes gate j also computes up j and applies SwiGLU in the epilogue. Every matrix is
+``nn.Linear``'s [out_features, in_features].
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class LayerWeights:
     k_norm: torch.Tensor | None  # [head_dim] (Qwen3) or None
     o: torch.Tensor  # [hidden, q_size]
     mlp_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden], gate and up rows interleaved
     down: torch.Tensor  # [hidden, intermediate]
 
 
