@@ -72,9 +72,10 @@ def bench(m: int) -> dict[str, float]:
             ops.silu_and_mul(ops.linear(ops.rms_norm(h, nw[i], 1e-6, residual=r)[0], wg[i]))
             for i in L_],
         "gate/up: linear alone": lambda: [ops.linear(h, wg[i]) for i in L_],
-        "gate/up: GEMV with the norm in its loop": lambda: [
+        **{f"gate/up: GEMV with the norm, KF_RMS={mode}": lambda mode=mode: [
             L.gemv(h, wg[i], None, torch.empty(m, 2 * I, dtype=DT, device="cuda"),
-                   norm_weight=nw[i], eps=1e-6) for i in L_],
+                   norm_weight=nw[i], eps=1e-6, norm_mode=mode) for i in L_]
+           for mode in (1, 2)},
         "gate/up: fused_linear(swiglu)": lambda: [
             ops.fused_linear(h, wg[i], swiglu=True) for i in L_],
         "gate/up: fused_linear(norm, swiglu)": lambda: [
@@ -85,9 +86,10 @@ def bench(m: int) -> dict[str, float]:
         "head: rms_norm(+res), linear": lambda: [
             ops.linear(ops.rms_norm(h, nw[0], 1e-6, residual=r)[0], wh) for _ in range(HEADS)],
         "head: linear alone": lambda: [ops.linear(h, wh) for _ in range(HEADS)],
-        "head: GEMV with the norm in its loop": lambda: [
+        **{f"head: GEMV with the norm, KF_RMS={mode}": lambda mode=mode: [
             L.gemv(h, wh, None, torch.empty(m, V, dtype=DT, device="cuda"), norm_weight=nw[0],
-                   eps=1e-6) for _ in range(HEADS)],
+                   eps=1e-6, norm_mode=mode) for _ in range(HEADS)]
+           for mode in (1, 2)},
         "head: fused_linear(norm)": lambda: [
             ops.fused_linear(h, wh, None, nw[0]) for _ in range(HEADS)],
         "rms_norm(+res) alone": lambda: [ops.rms_norm(h, nw[i], 1e-6, residual=r) for i in L_],
@@ -106,9 +108,11 @@ def main() -> None:
     args = p.parse_args()
     times = {m: bench(m) for m in (1, 8)}
     regs = {}
+    FUSIONS = (L.Fusion(), L.Fusion(rms=1), L.Fusion(rms=2), L.Fusion(glu=True),
+               L.Fusion(res=True))  # fmt: skip
     for mt in (8, 16):
         for cfg in sorted({*L.DEFAULTS.values(), *L.TUNED.values()}, key=repr):
-            for f in (L.Fusion(), L.Fusion(rms=True), L.Fusion(glu=True), L.Fusion(res=True)):
+            for f in FUSIONS:
                 a = L.gemv_kernel(DT, mt, cfg, pdl=True, fusion=f).attributes(0)
                 regs[f"MT={mt} {cfg} {f}"] = a["num_regs"]
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

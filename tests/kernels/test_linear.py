@@ -58,7 +58,7 @@ def test_gemv_launch_arguments_are_checked():
         k.check_args(x, w.half(), None, out, *rest, require_cuda=False)
 
 
-FUSIONS = [linear.Fusion(rms, glu, res) for rms in (0, 1) for glu in (0, 1) for res in (0, 1)]
+FUSIONS = [linear.Fusion(rms, glu, res) for rms in (0, 1, 2) for glu in (0, 1) for res in (0, 1)]
 
 
 @needs_nvrtc
@@ -455,14 +455,32 @@ def test_fused_gemv_under_torch_compile():
 
 
 @pytest.mark.gpu
-def test_norm_runs_in_the_loop_only_where_the_blocks_fit():
-    """Qwen2.5-1.5B's q/k/v projection (256 blocks) takes the norm in its loop; its head (18992
-    blocks) runs ops.rms_norm first; both give the reference."""
+def test_norm_mode_by_shape():
+    """On the H100: Qwen2.5-1.5B's q/k/v projection (256 blocks) takes the norm in its loop, its
+    gate/up (2240 blocks) in a prologue at one row, its head (18992 blocks) after ops.rms_norm;
+    each gives the reference."""
     dtype, k = torch.bfloat16, 1536
-    x = randn((1, k), dtype)
-    assert linear.norm_in_loop(1, 2048, x)
-    assert not linear.norm_in_loop(1, 151936, x)
-    for n in (2048, 151936):
+    x1, x8 = randn((1, k), dtype), randn((8, k), dtype)
+    assert linear.norm_mode(1, 2048, x1) == 1 and linear.norm_mode(8, 2048, x8) == 1
+    assert linear.norm_mode(1, 17920, x1) == 2 and linear.norm_mode(8, 17920, x8) == 0
+    assert linear.norm_mode(1, 151936, x1) == 0
+    for n in (2048, 17920, 151936):
         _, w, _, nw, _ = fused_args((1, k), n, dtype, True, False, False, False)
-        want = ref_fused_linear(x, w, None, nw, 1e-6, False, None, dtype)
-        assert_close(ops.fused_linear(x, w, None, nw), want, dtype, str(n), tol_scale=2.0)
+        want = ref_fused_linear(x1, w, None, nw, 1e-6, False, None, dtype)
+        assert_close(ops.fused_linear(x1, w, None, nw), want, dtype, str(n), tol_scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_gemv_norm_forms_at_any_size(m, mode):
+    """Both forms of the norm (KF_RMS 1 and 2) at any M and K (tails), with SwiGLU and a
+    residual, whatever norm_mode would pick."""
+    dtype, n = torch.float16, 1000
+    for k in (264, 4104):
+        x, w, b, nw, res = fused_args((m, k), n, dtype, True, True, True, True)
+        out = torch.full((m, n // 2), float("nan"), dtype=dtype, device=DEVICE)
+        linear.gemv(x, w, b, out, norm_weight=nw, eps=1e-6, swiglu=True, residual=res,
+                    norm_mode=mode)  # fmt: skip
+        want = ref_fused_linear(x, w, b, nw, 1e-6, True, res, dtype)
+        assert_close(out, want, dtype, f"K={k}", tol_scale=2.0)

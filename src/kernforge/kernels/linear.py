@@ -53,10 +53,11 @@ GEMV_SOURCE = r"""
 // prefetching it to L2, before that wait measured slower in the decode step), and the fusions
 // of an LLM decoder layer (ops.fused_linear), each 0 or 1, no split-K over blocks with the
 // first two:
-//   KF_RMS: RMSNorm of x (weight nw) fused into the main loop. Each lane scales its x fragments
-//     by nw's (one packed multiply, rounded to KF_T) and adds up their squares in fp32; after
-//     the loop the block sums them over its K slices and scales its outputs by
-//     rsqrt(mean(x^2) + eps). x is read once, as without the norm: no extra pass or launch.
+//   KF_RMS: RMSNorm of x (weight nw); the outputs are scaled by rsqrt(mean(x^2) + eps) at the
+//     end, x by nw (one packed multiply, rounded to KF_T) as it is read, with its squares
+//     summed in fp32. 1: in the main loop (each lane its own fragments; the block sums over
+//     its K slices). 2: in a prologue that writes x * nw to shared memory (dynamic, M x K)
+//     in one round trip, issued after the first step's W loads, which hide it.
 //   KF_GLU: SwiGLU. W's rows hold gate and up interleaved (row 2j gate j, 2j + 1 up j), so the
 //     lane that computes output 2j also computes 2j + 1: y[m, j] = silu(g) * u, y [M, N / 2].
 //   KF_RES: a residual added to the (rounded) result: y = round(y) + res, as torch adds.
@@ -100,7 +101,11 @@ __device__ __forceinline__ uint4 kf_ld_stream(const void* p) {
 }
 
 __device__ __forceinline__ uint4 kf_ld_x(const void* p) {
+#if KF_RMS == 2
+    return *reinterpret_cast<const uint4*>(p);  // x times the norm weight, in shared memory
+#else
     return __ldg(reinterpret_cast<const uint4*>(p));
+#endif
 }
 
 __device__ __forceinline__ void kf_mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
@@ -177,6 +182,31 @@ __device__ __forceinline__ void kf_put(KF_T* __restrict__ y, const KF_T* __restr
     y[i] = kf_from_float(v);
 }
 
+// KF_RMS 2: the block's rows of x times the norm weight into shared memory (xs [M][K]), and
+// each warp's sums of squares of its pieces of every row into ssw; one round trip to memory.
+template <int MT, int WARPS>
+__device__ __forceinline__ void kf_rms_prologue(const KF_T* __restrict__ x,
+                                                const KF_T* __restrict__ nw, KF_T* xs,
+                                                float (*ssw)[MT], int M, int K) {
+    const int pieces = K / 8;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        if (m < M) {
+            float ss = 0.f;
+            for (int p = threadIdx.x; p < pieces; p += WARPS * 32) {
+                uint4 v = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + p * 8));
+                const uint4 g = __ldg(reinterpret_cast<const uint4*>(nw + p * 8));
+                kf_norm_piece(v, g, ss);
+                *reinterpret_cast<uint4*>(xs + (size_t)m * K + p * 8) = v;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            if ((threadIdx.x & 31) == 0) ssw[threadIdx.x >> 5][m] = ss;
+        }
+    }
+    __syncthreads();
+}
+
 // One step: two mmas per 16-byte piece of W (k order permuted identically in x and W).
 template <int R>
 __device__ __forceinline__ void kf_step(float (&acc)[R][4], const uint4& xa, const uint4& xb,
@@ -212,10 +242,18 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
     for (int t = 0; t < R; ++t)
         wrow[t] = w + (size_t)min(n_warp + 8 * t + r, N - 1) * K + q * 8;
     const bool has_a = r < M, has_b = MT > 8 && r + 8 < M;
+#if KF_RMS == 2
+    extern __shared__ uint4 kf_xs_raw[];
+    KF_T* xs = reinterpret_cast<KF_T*>(kf_xs_raw);
+    __shared__ float ssw[WN * WK][MT];
+    const KF_T* xa_row = xs + (size_t)(has_a ? r : 0) * K + q * 8;
+    const KF_T* xb_row = xs + (size_t)(has_b ? r + 8 : 0) * K + q * 8;
+#else
     const KF_T* xa_row = x + (size_t)(has_a ? r : 0) * K + q * 8;
     const KF_T* xb_row = x + (size_t)(has_b ? r + 8 : 0) * K + q * 8;
+#endif
     const uint4 zero = make_uint4(0, 0, 0, 0);
-#if KF_RMS
+#if KF_RMS == 1
     const KF_T* nw_lane = nw + q * 8;  // the norm weight of this lane's k
     float ss_a = 0.f, ss_b = 0.f;      // sums of squares of x rows r and r + 8
 #endif
@@ -229,6 +267,29 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
     for (int t = 0; t < R; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 
     int k = k_begin;
+#if KF_RMS == 2
+    {
+        // The first step's W loads go out before the prologue: their round trip hides its own.
+        uint4 w0[U][R];
+        const bool first = k + 32 * U <= k_end;
+        if (first) {
+#pragma unroll
+            for (int j = 0; j < U; ++j)
+#pragma unroll
+                for (int t = 0; t < R; ++t) w0[j][t] = kf_ld_stream(wrow[t] + k + 32 * j);
+        }
+        kf_rms_prologue<MT, WN * WK>(x, nw, xs, ssw, M, K);
+        if (first) {
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                const uint4 xa = has_a ? kf_ld_x(xa_row + k + 32 * j) : zero;
+                const uint4 xb = has_b ? kf_ld_x(xb_row + k + 32 * j) : zero;
+                kf_step<R>(acc, xa, xb, w0[j]);
+            }
+            k += 32 * U;
+        }
+    }
+#endif
 #if KF_PIPE
     // Main loop, software-pipelined: the next U pieces per tile are loaded before the
     // current ones are used, so a warp always has loads in flight.
@@ -253,7 +314,7 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         for (int j = 0; j < U; ++j) {
             xa[j] = has_a ? kf_ld_x(xa_row + k + 32 * j) : zero;
             xb[j] = has_b ? kf_ld_x(xb_row + k + 32 * j) : zero;
-#if KF_RMS
+#if KF_RMS == 1
             const uint4 nv = kf_ld_x(nw_lane + k + 32 * j);
             kf_norm_piece(xa[j], nv, ss_a);
             if (MT > 8) kf_norm_piece(xb[j], nv, ss_b);
@@ -281,7 +342,7 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         for (int j = 0; j < U; ++j) {
             xa[j] = has_a ? kf_ld_x(xa_row + k + 32 * j) : zero;
             xb[j] = has_b ? kf_ld_x(xb_row + k + 32 * j) : zero;
-#if KF_RMS
+#if KF_RMS == 1
             const uint4 nv = kf_ld_x(nw_lane + k + 32 * j);
             kf_norm_piece(xa[j], nv, ss_a);
             if (MT > 8) kf_norm_piece(xb[j], nv, ss_b);
@@ -299,7 +360,7 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         for (int t = 0; t < R; ++t) wv[t] = in ? kf_ld_stream(wrow[t] + k) : zero;
         uint4 xa = (in && has_a) ? kf_ld_x(xa_row + k) : zero;
         uint4 xb = (in && has_b) ? kf_ld_x(xb_row + k) : zero;
-#if KF_RMS
+#if KF_RMS == 1
         const uint4 nv = in ? kf_ld_x(nw_lane + k) : zero;
         kf_norm_piece(xa, nv, ss_a);
         if (MT > 8) kf_norm_piece(xb, nv, ss_b);
@@ -307,7 +368,15 @@ kf_gemv(const KF_T* __restrict__ x, const KF_T* __restrict__ w, const KF_T* __re
         kf_step<R>(acc, xa, xb, wv);
     }
 
-#if KF_RMS
+#if KF_RMS == 2
+    float tot_a = 0.f, tot_b = 0.f;
+#pragma unroll
+    for (int s = 0; s < WN * WK; ++s) {  // warp order: the same sum every run
+        tot_a += ssw[s][r];
+        if (MT > 8) tot_b += ssw[s][r + 8];
+    }
+    const float rstd_a = rsqrtf(tot_a / (float)K + eps), rstd_b = rsqrtf(tot_b / (float)K + eps);
+#elif KF_RMS == 1
     // The sums of squares: over the 4 lanes of a row, then over the block's K slices (in slice
     // order: the same sum every run), before any warp leaves.
     ss_a += __shfl_xor_sync(0xffffffffu, ss_a, 1);
@@ -495,7 +564,7 @@ class Fusion:
     """The decoder-layer fusions a GEMV variant compiles in (KF_RMS, KF_GLU, KF_RES in the
     source): the RMSNorm of x, SwiGLU of interleaved gate/up rows, a residual add."""
 
-    rms: bool = False
+    rms: int = 0
     glu: bool = False
     res: bool = False
 
@@ -588,14 +657,14 @@ def plan(m: int, n: int, k: int, sms: int, cfg: GemvConfig | None = None,
 
 def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          out: torch.Tensor, p: GemvPlan | None = None, *, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0, swiglu: bool = False,
-         residual: torch.Tensor | None = None) -> None:  # fmt: skip
+         eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None,
+         norm_mode: int = 1) -> None:  # fmt: skip
     """Launch the GEMV: ``out[M, N] = x2[M, K] @ weight[N, K].T (+ bias)``, all contiguous;
     with the fusions of ``ops.fused_linear`` (``norm_weight``, ``swiglu``: out [M, N / 2],
     ``residual`` [M, N or N / 2]), which run without split-K."""
     m, k = x2.shape
     n = weight.shape[0]
-    fusion = Fusion(norm_weight is not None, swiglu, residual is not None)
+    fusion = Fusion(norm_mode if norm_weight is not None else 0, swiglu, residual is not None)
     if fusion.rms or fusion.glu:  # they finish in the block that computed the outputs
         p = plan(m, n, k, 1, p.config if p else None, splits=1)
     p = p or plan(m, n, k, device.num_sms(x2.device.index or 0))
@@ -608,9 +677,11 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             partial = torch.empty(p.splits * m * n, dtype=torch.float32, device=x2.device)
     dependent = pdl()
     kernel = gemv_kernel(x2.dtype, p.mt, p.config, pdl=dependent, fusion=fusion)
+    smem = m * k * x2.element_size() if fusion.rms == 2 else 0
     kernel.launch(
         x2, weight, bias, out, partial, counters, m, n, k, p.kchunk, int(bias is not None),
-        norm_weight, residual, float(eps), grid=p.grid, block=32 * p.config.warps, pdl=dependent,
+        norm_weight, residual, float(eps), grid=p.grid, block=32 * p.config.warps,
+        shared_mem=smem, pdl=dependent,
     )  # fmt: skip
 
 
@@ -726,13 +797,14 @@ def fused_linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return _fused_linear_ops(x, weight, bias, norm_weight, eps, swiglu, residual)
     x2 = _rows16(x.reshape(-1, x.shape[-1]))
     m = x2.shape[0]
-    if norm_weight is not None and not norm_in_loop(m, weight.shape[0], x2):
+    mode = 0 if norm_weight is None else norm_mode(m, weight.shape[0], x2)
+    if norm_weight is not None and mode == 0:
         from .. import ops
 
         x2, norm_weight = ops.rms_norm(x2, norm_weight, eps), None
     out = new_output(_fused_out_shape(x, weight, swiglu), x.dtype, x.device)
     gemv(x2, weight, None if bias is None else bias.contiguous(), out.view(m, -1),
-         norm_weight=None if norm_weight is None else _rows16(norm_weight), eps=eps,
+         norm_weight=None if norm_weight is None else _rows16(norm_weight), eps=eps, norm_mode=mode,
          swiglu=swiglu,
          residual=None if residual is None else residual.reshape(m, -1).contiguous())  # fmt: skip
     return out
@@ -743,20 +815,38 @@ def _(x, weight, bias, norm_weight, eps, swiglu, residual):
     return x.new_empty(_fused_out_shape(x, weight, swiglu))
 
 
-def norm_in_loop(m: int, n: int, x2: torch.Tensor) -> bool:
-    """Whether ``fused_linear`` runs the RMSNorm in the GEMV's loop for x2 [m, K] and n outputs
-    (else ``ops.rms_norm`` runs first): when the GEMV's blocks all fit on the GPU at once.
+def norm_mode(m: int, n: int, x2: torch.Tensor) -> int:
+    """Where ``fused_linear``'s GEMV of x2 [m, K] and n outputs runs the RMSNorm (its KF_RMS):
+    1 in the loop, when the blocks keep the plain kernel's occupancy or all fit at once; else 2
+    in a prologue, for one row and at most PROLOGUE_MAX_WAVES waves of blocks; else 0, meaning
+    ``ops.rms_norm`` runs first.
 
-    The norm's packed multiplies take registers (8 warps of the M <= 8 kernel: 48 instead of
-    40, five blocks per SM instead of six), and fewer resident warps keep fewer loads of W in
-    flight. Measured on an H100 in a decode-like CUDA graph at M = 1 (benchmarks/results/
-    fused_linear.md): Qwen2.5-1.5B's q/k/v (256 blocks) took 5.1 us instead of 5.9 for the norm
-    kernel and the GEMV, but its gate/up (2240 blocks) 24.1 instead of 22.0, its head (18992
-    blocks) 168 instead of 153."""
+    Both fused forms take registers (8 warps of the M <= 8 kernel: 48 instead of 40, five
+    blocks per SM instead of six), so fewer loads of W are in flight. The in-loop form costs
+    that on every step. The prologue costs it once per block and saves the norm's launch.
+    Measured on an H100 in a decode-like CUDA graph (benchmarks/results/fused_linear.md), M = 1,
+    against the norm kernel then the GEMV:
+    - Qwen2.5-1.5B's q/k/v (256 blocks): in the loop 4.8 us instead of 5.9.
+    - Its gate/up (2240 blocks, 4 waves): the prologue 21.8 instead of 22.4. In the loop: 24.5.
+    - Its head (18992 blocks): the prologue 155.5 instead of 153.0. In the loop: 171.
+    - At M = 8 the prologue's rows take turns: gate/up 33 us.
+    """
     p = plan(m, n, x2.shape[1], 1, splits=1)
-    kernel = gemv_kernel(x2.dtype, p.mt, p.config, pdl=pdl(), fusion=Fusion(rms=True))
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    return p.grid[0] <= resident_blocks(kernel, 32 * p.config.warps, index)
+    threads = 32 * p.config.warps
+    plain = resident_blocks(gemv_kernel(x2.dtype, p.mt, p.config, pdl=pdl()), threads, index)
+    for mode in (1, 2):
+        fused = gemv_kernel(x2.dtype, p.mt, p.config, pdl=pdl(), fusion=Fusion(rms=mode))
+        fits = resident_blocks(fused, threads, index)
+        if mode == 1 and fits >= min(p.grid[0], plain):
+            return 1
+        if mode == 2 and m == 1 and p.grid[0] <= PROLOGUE_MAX_WAVES * fits:
+            return 2
+    return 0
+
+
+#: Most waves of blocks (grid / resident blocks) for the prologue form (see norm_mode).
+PROLOGUE_MAX_WAVES = 4
 
 
 #: Registers and shared memory of an SM on Hopper (and Ampere's A100: the same register file).

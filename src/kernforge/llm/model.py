@@ -7,9 +7,9 @@ the bias fused); for prefill ``rope``, the cache write and ``fmha_varlen``; for 
 ``fused_linear`` o (the residual add fused), ``fused_linear`` gate/up (the MLP norm and SwiGLU
 fused: gate and up rows interleaved in the weight) and ``fused_linear`` down (the residual
 add); at the end ``fused_linear`` for the head (the final norm). With at most 16 rows (decode)
-each ``fused_linear`` is one launch of kernforge's CUDA GEMV (the norm a launch of its own
-before the GEMVs too large for it, ``kernels.linear.norm_in_loop``); prefill runs the norm,
-cuBLAS, SwiGLU and the add one after another.
+each ``fused_linear`` is one launch of kernforge's CUDA GEMV (but for the norm before the
+GEMVs too large to carry it, ``kernels.linear.norm_mode``); prefill runs the norm, cuBLAS,
+SwiGLU and the add one after another.
 """
 
 from __future__ import annotations
