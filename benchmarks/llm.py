@@ -9,8 +9,8 @@ for fewer new tokens (``--hf-new-tokens``, default 64: its per-token time is hos
 flat).
 
 Decode tokens/s = rows x decode steps / decode wall time (after the first token, host included:
-the whole ``generate`` loop); time to first token = prefill + first sample, wall time after a
-warm-up call. The bandwidth roofline of a decode step is the bytes it must read (weights + the
+the whole ``generate`` loop), the median of ``--decode-reps`` generations (default 3) after a
+warm-up call; time to first token = prefill + first sample, the median over the same runs. The bandwidth roofline of a decode step is the bytes it must read (weights + the
 KV cache at mid-generation) over the measured copy bandwidth. Writes llm.json and llm.md.
 
     PYTHONPATH=src python3 benchmarks/llm.py [--models qwen2.5-1.5b,llama3-8b] [--out DIR]
@@ -68,13 +68,17 @@ def bench_kernforge(name: str, args, bw: float) -> tuple[dict, object]:
     for b in BATCHES[name]:
         prompts = torch.randint(0, cfg.vocab_size, (b, args.prompt), generator=gen).tolist()
         llm.generate(prompts, max_new_tokens=8, ignore_eos=True)  # capture this bucket's graphs
-        out = llm.generate(prompts, max_new_tokens=args.new_tokens, ignore_eos=True)
+        runs = [llm.generate(prompts, max_new_tokens=args.new_tokens, ignore_eos=True)
+                for _ in range(args.decode_reps)]  # fmt: skip
+        rates = [b * r.stats.decode_steps / r.stats.decode_s for r in runs]
+        out = runs[rates.index(statistics.median_high(rates))]  # the median run
         s = out.stats
         tok_s = b * s.decode_steps / s.decode_s
         ctx = args.prompt + args.new_tokens // 2
         step_bytes = weights + b * ctx * kv_per_token
         roof = b * bw / step_bytes
-        rows.append(dict(batch=b, ttft_ms=1e3 * s.time_to_first_token_s, decode_tok_s=tok_s,
+        ttft = statistics.median(r.stats.time_to_first_token_s for r in runs)
+        rows.append(dict(batch=b, ttft_ms=1e3 * ttft, decode_tok_s=tok_s, runs_tok_s=rates,
                          step_ms=1e3 * s.decode_s / s.decode_steps, roofline_tok_s=roof,
                          roofline_fraction=tok_s / roof, first_tokens=out.token_ids[0][:16]))  # fmt: skip
         print(f"  kernforge {name} batch {b}: {tok_s:.0f} tok/s ({tok_s / roof:.0%} of roofline "
@@ -198,6 +202,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--hf-new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--decode-reps", type=int, default=3)
     p.add_argument("--paged", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--out", type=Path, default=HERE / "results")

@@ -39,6 +39,21 @@ with kf.backend(backend):
 y.float().sum().backward()
 print(f"[2, 3, K] -> {tuple(y.shape)}; dx {tuple(x.grad.shape)}")
 
+# ops.fused_linear: a decoder layer's pre-norm MLP up-projection in one call (one GEMV launch for
+# up to 16 rows on the GPU): RMSNorm of x, the projection, SwiGLU of the interleaved gate/up
+# rows (gate j at row 2j, up j at row 2j + 1), then a residual add.
+gate, up = w[: N // 2], w[N // 2 :]  # any two [I, K] projections
+gate_up = torch.stack([gate, up], 1).flatten(0, 1)  # interleave their rows
+norm_w = (1 + 0.1 * torch.randn(K, device=dev)).to(dtype)
+x = torch.randn(1, K, device=dev).to(dtype)
+res = torch.randn(1, N // 2, device=dev).to(dtype)
+with kf.backend(backend):
+    y = ops.fused_linear(x, gate_up, None, norm_w, 1e-6, swiglu=True, residual=res)
+xn = F.rms_norm(x.float(), (K,), norm_w.float(), 1e-6)
+ref = F.silu(F.linear(xn, gate.float())) * F.linear(xn, up.float()) + res.float()
+err = float((y.float() - ref).norm() / ref.norm())
+print(f"fused_linear: y {tuple(y.shape)}, relative error vs fp32 {err:.2e}")
+
 if on_gpu:
     # Time one GEMV by CUDA-graph replay over 8 weight copies (so W comes from HBM, not L2).
     import triton.testing
