@@ -51,8 +51,8 @@ GEMV_SOURCE = r"""
 // next U pieces before using the current ones), KF_PDL (1: a programmatic dependent launch:
 // blocks wait for the previous kernel before reading x or writing anything; requesting W, or
 // prefetching it to L2, before that wait measured slower in the decode step), and the fusions
-// of an LLM decoder layer (ops.fused_linear), each 0 or 1, no split-K over blocks with the
-// first two:
+// of an LLM decoder layer (ops.fused_linear; 0 is off; no split-K over blocks with the first
+// two):
 //   KF_RMS: RMSNorm of x (weight nw); the outputs are scaled by rsqrt(mean(x^2) + eps) at the
 //     end, x by nw (one packed multiply, rounded to KF_T) as it is read, with its squares
 //     summed in fp32. 1: in the main loop (each lane its own fragments; the block sums over
@@ -76,14 +76,12 @@ GEMV_SOURCE = r"""
 #ifndef KF_RMS
 #define KF_RMS 0
 #endif
-
 #ifndef KF_GLU
 #define KF_GLU 0
 #endif
 #ifndef KF_RES
 #define KF_RES 0
 #endif
-
 
 __device__ __forceinline__ uint4 kf_ld_stream(const void* p) {
     // W is read once: keep it out of L1 (x lives there), ask L2 for whole 256-byte lines.
@@ -564,7 +562,7 @@ class Fusion:
     """The decoder-layer fusions a GEMV variant compiles in (KF_RMS, KF_GLU, KF_RES in the
     source): the RMSNorm of x, SwiGLU of interleaved gate/up rows, a residual add."""
 
-    rms: int = 0
+    rms: int = 0  # 0: none, 1: in the main loop, 2: in a prologue (see norm_mode)
     glu: bool = False
     res: bool = False
 
@@ -821,22 +819,27 @@ def norm_mode(m: int, n: int, x2: torch.Tensor) -> int:
     in a prologue, for one row and at most PROLOGUE_MAX_WAVES waves of blocks; else 0, meaning
     ``ops.rms_norm`` runs first.
 
-    Both fused forms take registers (8 warps of the M <= 8 kernel: 48 instead of 40, five
-    blocks per SM instead of six), so fewer loads of W are in flight. The in-loop form costs
-    that on every step. The prologue costs it once per block and saves the norm's launch.
-    Measured on an H100 in a decode-like CUDA graph (benchmarks/results/fused_linear.md), M = 1,
-    against the norm kernel then the GEMV:
+    Both fused forms save the norm's launch but hold more registers (8 warps of the M <= 8
+    kernel: 48 instead of 40, five blocks per SM instead of six: fewer loads of W in flight).
+    The in-loop form also adds work to every step; the prologue adds one round trip per block,
+    hidden behind the block's first loads of W. Measured on an H100 in a decode-like CUDA
+    graph (benchmarks/results/fused_linear.md), M = 1, against the norm kernel then the GEMV:
     - Qwen2.5-1.5B's q/k/v (256 blocks): in the loop 4.8 us instead of 5.9.
     - Its gate/up (2240 blocks, 4 waves): the prologue 21.8 instead of 22.4. In the loop: 24.5.
     - Its head (18992 blocks): the prologue 155.5 instead of 153.0. In the loop: 171.
     - At M = 8 the prologue's rows take turns: gate/up 33 us.
     """
-    p = plan(m, n, x2.shape[1], 1, splits=1)
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    return _norm_mode(m, n, x2.shape[1], x2.dtype, index, pdl())
+
+
+@functools.cache
+def _norm_mode(m: int, n: int, k: int, dtype: torch.dtype, index: int, dependent: bool) -> int:
+    p = plan(m, n, k, 1, splits=1)
     threads = 32 * p.config.warps
-    plain = resident_blocks(gemv_kernel(x2.dtype, p.mt, p.config, pdl=pdl()), threads, index)
+    plain = resident_blocks(gemv_kernel(dtype, p.mt, p.config, pdl=dependent), threads, index)
     for mode in (1, 2):
-        fused = gemv_kernel(x2.dtype, p.mt, p.config, pdl=pdl(), fusion=Fusion(rms=mode))
+        fused = gemv_kernel(dtype, p.mt, p.config, pdl=dependent, fusion=Fusion(rms=mode))
         fits = resident_blocks(fused, threads, index)
         if mode == 1 and fits >= min(p.grid[0], plain):
             return 1
