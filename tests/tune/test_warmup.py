@@ -54,7 +54,7 @@ def test_model_warmup_runs_prefill_and_decode_and_llm_hook(monkeypatch):
     assert report.ok, report.summary()
     ran = report.results[0]
     assert ran.job.label() == "batch x prompt 2x5" and ran.job.llm == (("max_seq_len", 64),)
-    for op in ("rms_norm:triton", "silu_and_mul:triton", "fmha_decode:triton"):
+    for op in ("fused_linear:triton", "rms_norm:triton", "swiglu:triton", "fmha_decode:triton"):
         assert op in ran.backends
     assert any(b.startswith("fmha_varlen:") for b in ran.backends)  # the prefill ran too
     # LLM(..., warmup=N) warms up at load with N workers.
