@@ -252,7 +252,8 @@ def random_weights(
     seed: int = 0,
 ) -> DecoderWeights:
     """Random weights for ``config`` made on ``device``; the same ``seed`` gives the same
-    weights (on the same device kind), tied when the config says so.
+    weights on the same device kind in the same dtype (draws in different dtypes may differ),
+    tied when the config says so.
 
     Scales keep activations O(1) at any size and depth: a projection reading ``n`` features has
     std ``1/sqrt(n)``, and the two that write into the residual stream (o, down) a further
