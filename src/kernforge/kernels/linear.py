@@ -871,11 +871,16 @@ def resident_blocks(kernel, threads: int, index: int) -> int:
 def _fused_linear_ops(x, weight, bias, norm_weight, eps, swiglu, residual):
     """The unfused sequence: ``ops.rms_norm``, torch's linear (cuBLAS on the GPU: these are the
     calls of more than 16 rows, or with autograd), ``ops.swiglu`` of the strided gate/up
-    columns, the residual add."""
+    columns, the residual add. A residual alone is added by the GEMM itself (``addmm``: one
+    launch, the sum rounded once) instead of by a separate add kernel."""
     from .. import ops
 
     if norm_weight is not None:
         x = ops.rms_norm(x, norm_weight, eps)
+    if residual is not None and bias is None and not swiglu:
+        n = weight.shape[0]
+        y = torch.addmm(residual.reshape(-1, n), x.reshape(-1, x.shape[-1]), weight.t())
+        return y.view(*x.shape[:-1], n)
     y = F.linear(x, weight, bias)
     if swiglu:
         y = ops.swiglu(y[..., 0::2], y[..., 1::2])
