@@ -108,7 +108,8 @@ def test_glu_layouts(name, gate_layout, up_layout):
 
 
 def test_glu_transposed_inputs():
-    # Last-dim stride 1 but rows not collapsible: as_rows copies, the result must not care.
+    # Rows not collapsible: the forward reads them through their strides, the backward copies;
+    # the result must not care.
     gate = randn((40, 6), torch.float32).t().requires_grad_()
     up = randn((6, 40), torch.float32, requires_grad=True)
     check_glu("geglu-erf", gate, up)

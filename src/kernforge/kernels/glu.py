@@ -72,13 +72,13 @@ def _tile(M, N, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _glu_fwd_kernel(
     G, U, O,
-    M, N, stride_g, stride_u, stride_o, tiles_n,
+    M, N, stride_g, stride_u, stride_o, tiles_n, col_g, col_u,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     dependent_start(PDL)
     rows, cols, mask = _tile(M, N, tiles_n, BLOCK_M, BLOCK_N)
-    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows * stride_g + cols * col_g, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols * col_u, mask=mask, other=0.0).to(tl.float32)
     a, _ = _activate(g, ACT)
     tl.store(O + rows * stride_o + cols, (a * u).to(O.dtype.element_ty), mask=mask)
 
@@ -135,10 +135,14 @@ def _fwd(g2: torch.Tensor, u2: torch.Tensor, o2: torch.Tensor, act: str) -> None
     m, n = g2.shape
     if m == 0 or n == 0:
         return
-    rows, cols, strides = _flat(m, n, g2.stride(0), u2.stride(0), o2.stride(0))
+    cols_g, cols_u = g2.stride(1), u2.stride(1)
+    if cols_g == cols_u == 1:
+        rows, cols, strides = _flat(m, n, g2.stride(0), u2.stride(0), o2.stride(0))
+    else:
+        rows, cols, strides = m, n, (g2.stride(0), u2.stride(0), o2.stride(0))
     grid, tiles_n, bm, bn, warps = _launch(rows, cols, g2.element_size())
     _glu_fwd_kernel[grid](
-        g2, u2, o2, rows, cols, *strides, tiles_n,
+        g2, u2, o2, rows, cols, *strides, tiles_n, cols_g, cols_u,
         ACT=ACTS[act], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **pdl_args(),
     )  # fmt: skip
 
@@ -166,7 +170,8 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     n = gate.shape[-1]
     out = new_like(gate)
     if out.numel():
-        _fwd(as_rows(gate), as_rows(up), out.view(-1, n), act)
+        # Strided columns are read in place (fused_linear's interleaved gate/up halves).
+        _fwd(gate.reshape(-1, n), up.reshape(-1, n), out.view(-1, n), act)
     return out
 
 
