@@ -114,6 +114,11 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record a call on ``tensors`` (None skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def triton_reason(*tensors: torch.Tensor | None) -> str | None:
     """None when Triton can run on these tensors' device and dtypes, else the reason."""
     for t in tensors:

@@ -42,7 +42,7 @@ import triton.language as tl
 from .. import device, tune
 from ..dispatch import register_impl
 from . import matmul as mm
-from .common import new_output, tile_order, triton_reason
+from .common import new_output, tile_order, triton_reason, wants_grad
 from .matmul import _act
 
 #: The ACT constexpr of the kernels, by activation name (shared with the GEMM).
@@ -597,10 +597,6 @@ def pool_out(size: int, k: int, s: int, p: int) -> int:
 # ---------------------------------------------------------------------------------- registration
 
 
-def _grad_wanted(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _supports_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                      activation=None, residual=None, out=None):  # fmt: skip
     if groups != 1:
@@ -608,7 +604,7 @@ def _supports_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, grou
     for t in (x, weight, bias, residual):
         if t is not None and t.dtype not in CONV_DTYPES:
             return f"dtype {t.dtype} (the Triton convolution takes float16 and bfloat16)"
-    if _grad_wanted(x, weight, bias, residual):
+    if wants_grad(x, weight, bias, residual):
         return "a gradient is needed (the Triton convolution is forward-only: inference)"
     return triton_reason(x, weight, bias, residual)
 
@@ -664,7 +660,7 @@ def conv2d_torch(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
 def _supports_pool(x, *args):
     if x.dtype not in (*CONV_DTYPES, torch.float32):
         return f"dtype {x.dtype} (the Triton pools take float16, bfloat16 and float32)"
-    if _grad_wanted(x):
+    if wants_grad(x):
         return "a gradient is needed (the Triton pools are forward-only: inference)"
     return triton_reason(x)
 

@@ -47,7 +47,15 @@ import triton.language as tl
 from .. import checks, device, tune
 from ..dispatch import register_impl
 from ..errors import ArgumentError, DTypeError, ShapeError
-from .common import dependent_start, new_output, op_call, pdl_args, triton_reason, upcast
+from .common import (
+    dependent_start,
+    new_output,
+    op_call,
+    pdl_args,
+    triton_reason,
+    upcast,
+    wants_grad,
+)
 
 LOG2E = 1.4426950408889634
 #: dtypes of the caches and queries the Triton kernels take.
@@ -786,10 +794,6 @@ def _(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     return None
 
 
-def _wants_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _last_dim_unit(**tensors: torch.Tensor | None) -> str | None:
     for name, t in tensors.items():
         if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
@@ -800,7 +804,7 @@ def _last_dim_unit(**tensors: torch.Tensor | None) -> str | None:
 def _supports_fmha_decode(q, k_cache, v_cache, cache_seqlens, block_table=None, scale=None,
                           softcap=None, window=None):  # fmt: skip
     reason = triton_reason(q, k_cache, v_cache)
-    if reason is None and _wants_grad(q, k_cache, v_cache):
+    if reason is None and wants_grad(q, k_cache, v_cache):
         reason = "gradients requested (the Triton decode kernel is inference-only)"
     if reason is None and max(q.shape[-1], v_cache.shape[-1]) > 512:
         reason = f"head dim {q.shape[-1]} > 512"
@@ -810,7 +814,7 @@ def _supports_fmha_decode(q, k_cache, v_cache, cache_seqlens, block_table=None, 
 def _supports_mla_decode(q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens, block_table=None,
                          scale=None):  # fmt: skip
     reason = triton_reason(q_nope, q_rope, ckv_cache, kpe_cache)
-    if reason is None and _wants_grad(q_nope, q_rope, ckv_cache, kpe_cache):
+    if reason is None and wants_grad(q_nope, q_rope, ckv_cache, kpe_cache):
         reason = "gradients requested (the Triton decode kernel is inference-only)"
     if reason is None and max(q_nope.shape[-1], q_rope.shape[-1]) > 1024:
         reason = f"latent dim {q_nope.shape[-1]} > 1024"

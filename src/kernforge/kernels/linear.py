@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import cuda as kcuda
 from .. import device
 from ..dispatch import register_impl
-from .common import arrival_counters, new_output, op_call, pdl, triton_reason
+from .common import arrival_counters, new_output, op_call, pdl, triton_reason, wants_grad
 
 #: Most rows of x (the product of its leading dimensions) the GEMV takes; more go to torch.
 MAX_M = 16
@@ -764,10 +764,7 @@ def linear_cuda(x, weight, bias=None):
     """CUDA GEMV for M <= 16 rows; torch's matmul (cuBLAS) above, or when empty."""
     if rows_of(x) > MAX_M or x.numel() == 0 or weight.shape[0] == 0:
         return F.linear(x, weight, bias)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    if not grad:
+    if not wants_grad(x, weight, bias):
         return op_call(linear_gemv, x, weight, bias)
     return LinearFunction.apply(x, weight, bias)
 
@@ -889,14 +886,11 @@ def _fused_linear_ops(x, weight, bias, norm_weight, eps, swiglu, residual):
 
 def _gemv_runs(x, weight, bias, norm_weight, residual) -> bool:
     """Whether ``fused_linear`` on the CUDA backend runs as one GEMV launch."""
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, norm_weight, residual)
-    )
     return (
         _supports_cuda(x, weight, bias) is None
         and 0 < rows_of(x) <= MAX_M
         and weight.shape[0] > 0
-        and not grad
+        and not wants_grad(x, weight, bias, norm_weight, residual)
     )
 
 

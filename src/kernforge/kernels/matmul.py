@@ -40,7 +40,7 @@ from triton.runtime.errors import OutOfResources
 
 from .. import device, tune
 from ..dispatch import register_impl
-from .common import arrival_counters, new_output, op_call, tile_order, triton_reason
+from .common import arrival_counters, new_output, op_call, tile_order, triton_reason, wants_grad
 
 #: The ACT constexpr of the kernels, by activation name (None: no activation).
 ACTIVATIONS: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -891,10 +891,7 @@ def matmul_triton(a, b, bias=None, activation=None, residual=None, out=None):
     if out is not None:
         launch(a2, b, out.view(a2.shape[0], b.shape[1]), bias, r2, activation)
         return out
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (a, b, bias, residual)
-    )
-    if grad:
+    if wants_grad(a, b, bias, residual):
         y = MatmulFunction.apply(a2, b, bias, r2, activation)
     else:
         y, _ = op_call(matmul_fwd, a2, b, bias, r2, activation or "none", False)
@@ -926,8 +923,7 @@ def _supports_bmm(a, b):
 @register_impl("bmm", "triton", supports=_supports_bmm)
 def bmm_triton(a, b):
     """Triton batched GEMM (batch strides may be 0: broadcast operands)."""
-    grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    if grad:
+    if wants_grad(a, b):
         return BmmFunction.apply(a, b)
     return op_call(matmul_mm, a, b)
 
