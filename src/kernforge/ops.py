@@ -190,18 +190,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (``ops.matmul`` with ``weight.t()`` read in place; docs/gemm.md) when the backend
     ``"triton"`` is named: ``"auto"`` keeps cuBLAS there, which is still faster.
     """
-    op = "linear"
+    _check_linear("linear", x, weight, bias)
+
+
+def _check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """x [..., K] floating, weight [N, K] (nn.Linear's layout), bias [N] or None; one dtype and
+    device."""
     checks.tensor(op, "x", x)
     checks.tensor(op, "weight", weight)
     checks.floating(op, "x", x)
     if weight.dim() != 2:
         raise ShapeError(
-            f"linear: weight must be 2-D [out_features, in_features], got shape "
-            f"{tuple(weight.shape)}"
+            f"{op}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}"
         )
     if weight.shape[1] != x.shape[-1]:
         raise ShapeError(
-            f"linear: x's last dimension ({x.shape[-1]}) must equal weight's in_features "
+            f"{op}: x's last dimension ({x.shape[-1]}) must equal weight's in_features "
             f"(weight {tuple(weight.shape)} is [out_features, in_features], as in nn.Linear); "
             "transpose the weight if it is stored [in, out]"
         )
@@ -239,17 +243,7 @@ def fused_linear(
     another (``rms_norm``, ``linear``, ``swiglu``, an add), differentiable.
     """
     op = "fused_linear"
-    checks.tensor(op, "x", x)
-    checks.floating(op, "x", x)
-    checks.tensor(op, "weight", weight)
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ShapeError(
-            f"fused_linear: weight must be [out_features, {x.shape[-1]}] (nn.Linear's layout, "
-            f"in_features = x's last dimension), got shape {tuple(weight.shape)}"
-        )
-    if bias is not None:
-        checks.tensor(op, "bias", bias)
-        checks.shape(op, "bias", bias, (weight.shape[0],), "one value per output feature")
+    _check_linear(op, x, weight, bias)
     checks.last_dim_vector(op, "norm_weight", norm_weight, x)
     if swiglu and weight.shape[0] % 2:
         raise ShapeError(
@@ -260,10 +254,8 @@ def fused_linear(
     if residual is not None:
         checks.tensor(op, "residual", residual)
         checks.shape(op, "residual", residual, (*x.shape[:-1], out_features), "y's shape")
-    checks.same_dtype(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight,
-                      residual=residual)  # fmt: skip
-    checks.same_device(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight,
-                       residual=residual)  # fmt: skip
+    checks.same_dtype(op, x=x, norm_weight=norm_weight, residual=residual)
+    checks.same_device(op, x=x, norm_weight=norm_weight, residual=residual)
 
 
 # --- GEMM: matmul and bmm (kernels/matmul.py) -----------------------------------------------------
