@@ -235,12 +235,14 @@ def fused_linear(
     - with ``residual`` (y's shape): ``y = y + residual``.
 
     For at most 16 rows of x on the GPU (LLM decode; bf16/fp16, K a multiple of 8, a
-    contiguous weight, no autograd) this is one launch of the CUDA GEMV: each lane scales its
-    x fragments by the norm weight as it reads them and adds up their squares, the block
-    scales its outputs by ``rsqrt(mean(x**2) + eps)``, and SwiGLU and the residual add run in
-    the epilogue. It rounds where the unfused ops do, except that x is multiplied by the norm
-    weight before the ``rsqrt`` scale rather than after. Elsewhere the ops run one after
-    another (``rms_norm``, ``linear``, ``swiglu``, an add), differentiable.
+    contiguous weight, no autograd) this is one launch of the CUDA GEMV: x is scaled by the
+    norm weight as it is read (in the main loop, or in a prologue) with its squares summed,
+    the outputs are scaled by ``rsqrt(mean(x**2) + eps)``, and SwiGLU and the residual add run
+    in the epilogue; where fusing the norm measured slower it runs as ``rms_norm`` first
+    (``kernels.linear.norm_mode``). It rounds where the unfused ops do, except that x is
+    multiplied by the norm weight before the ``rsqrt`` scale rather than after. Elsewhere the
+    ops run one after another (``rms_norm``, ``linear``, ``swiglu``, an add; a residual alone
+    is added by the GEMM), differentiable.
     """
     op = "fused_linear"
     _check_linear(op, x, weight, bias)
