@@ -10,8 +10,9 @@ flat).
 
 Decode tokens/s = rows x decode steps / decode wall time (after the first token, host included:
 the whole ``generate`` loop), the median of ``--decode-reps`` generations (default 3) after a
-warm-up call; time to first token = prefill + first sample, the median over the same runs. The bandwidth roofline of a decode step is the bytes it must read (weights + the
-KV cache at mid-generation) over the measured copy bandwidth. Writes llm.json and llm.md.
+warm-up call; time to first token = prefill + first sample, the median over the same runs.
+The bandwidth roofline of a decode step is the bytes it must read (weights + the KV cache at
+mid-generation) over the measured copy bandwidth. Writes llm.json and llm.md.
 
     PYTHONPATH=src python3 benchmarks/llm.py [--models qwen2.5-1.5b,llama3-8b] [--out DIR]
 """
