@@ -1,4 +1,5 @@
 """A decode loop over a paged KV cache with ``ops.append_kv`` and ``ops.fmha_decode`` (GQA),
+the same step from a fused q/k/v projection in one kernel (``ops.rope_append_fmha_decode``)
 and one MLA decode step (``ops.mla_decode``), each checked against the torch reference.
 
     python examples/decode_attention.py
@@ -60,6 +61,23 @@ with kf.backend("torch"):
     ref = ops.fmha_decode(q.float(), k_cache.float(), v_cache.float(), lens, block_table,
                           softcap=50.0)  # fmt: skip
 print(f"3 draft tokens (softcap 50): rel err vs fp32 {rel_err(out, ref):.2e}")
+
+# A decoder's step starts from its fused q/k/v projection [B, (HQ + 2 HK) D]: one kernel
+# rotates q and k by rope at each sequence's position, appends k and v, and attends.
+cos, sin = (t.to(dtype) for t in kf.nn.RotaryEmbedding(D, 4096, 10000.0, None, device=dev)(
+    q, torch.arange(4096, device=dev)))  # fmt: skip
+cos, sin = cos[0], sin[0]  # [positions, D]
+qkv = torch.randn(B, (HQ + 2 * HK) * D, device=dev).to(dtype)
+k_ref, v_ref = k_cache.float(), v_cache.float()
+out = ops.rope_append_fmha_decode(qkv, cos, sin, lens, k_cache, v_cache, HQ, block_table)
+with kf.backend("torch"):
+    ref = ops.rope_append_fmha_decode(qkv.float(), cos.float(), sin.float(), lens, k_ref, v_ref,
+                                      HQ, block_table)  # fmt: skip
+lens += 1
+print(
+    f"rope + append + attend: out {tuple(out.shape)}, rel err vs fp32 {rel_err(out, ref):.2e}, "
+    f"cache rel err {rel_err(k_cache, k_ref):.2e}"
+)
 
 # MLA (DeepSeek-V2/V3): one latent cache of 512 + 64 rope features per token, shared by all
 # heads; q_nope is the no-rope query already multiplied by W_UK (the "absorbed" form).

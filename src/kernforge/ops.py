@@ -753,31 +753,76 @@ def rope_append_kv(
     [D]: per-head RMSNorm of q and k before the rotation (Qwen3), both or neither.
     ``cache_seqlens`` (int32 [B], lengths before the token) is not changed.
     """
-    op = "rope_append_kv"
+    _check_rope_append("rope_append_kv", qkv, cos, sin, cache_seqlens, k_cache, v_cache,
+                       num_heads, block_table, q_norm, k_norm)  # fmt: skip
+
+
+@dispatch("rope_append_fmha_decode")
+def rope_append_fmha_decode(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    block_table: torch.Tensor | None = None,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
+):
+    """:func:`rope_append_kv` then :func:`fmha_decode`, in one kernel: a decode step's
+    attention straight from its fused q/k/v projection. Returns the attention output
+    [B, Hq, D] and writes rope(k) and v into the cache at position ``cache_seqlens[b]``.
+
+    Arguments as :func:`rope_append_kv` (``cache_seqlens``: lengths *before* the new token,
+    not changed), ``scale`` and ``window`` as :func:`fmha_decode`. Inference only. One launch
+    instead of two, and the cached keys are fetched while the projection before it still
+    runs: at batch 1 a decode step is latency-bound (Qwen2.5-1.5B decode: docs/llm.md).
+
+    Inside :func:`kernforge.kernels.common.dependent_launches` (the LLM decode step) the
+    kernel reads ``cache_seqlens``, ``block_table``, cos/sin and the cached keys and values
+    *before* waiting for the kernel launched just before it, so that kernel must not write
+    them (the q/k/v projection writes only ``qkv``).
+    """
+    op = "rope_append_fmha_decode"
+    _check_rope_append(op, qkv, cos, sin, cache_seqlens, k_cache, v_cache, num_heads,
+                       block_table, q_norm, k_norm)  # fmt: skip
+    from .kernels import decode
+
+    decode.check_scalars(op, scale, None)
+    decode.normalize_window(op, window)
+
+
+def _check_rope_append(op: str, qkv, cos, sin, cache_seqlens, k_cache, v_cache, num_heads,
+                       block_table, q_norm, k_norm) -> None:  # fmt: skip
+    """The input checks of :func:`rope_append_kv` (and the ops built on it)."""
     for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache),
                     ("v_cache", v_cache)):  # fmt: skip
         checks.tensor(op, name, t)
         checks.floating(op, name, t)
     if qkv.dim() != 2 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ShapeError(
-            f"rope_append_kv: qkv must be [B, (Hq + 2 Hk) D] and the caches 4-D and alike; "
+            f"{op}: qkv must be [B, (Hq + 2 Hk) D] and the caches 4-D and alike; "
             f"got qkv {tuple(qkv.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
             f"{tuple(v_cache.shape)}"
         )
     hk, d = k_cache.shape[-2:]
     if not isinstance(num_heads, int) or num_heads <= 0 or num_heads % hk:
-        raise ArgumentError(f"rope_append_kv: num_heads={num_heads!r} must be a positive "
+        raise ArgumentError(f"{op}: num_heads={num_heads!r} must be a positive "
                             f"multiple of the caches' {hk} KV heads")  # fmt: skip
     if qkv.shape[1] != (num_heads + 2 * hk) * d:
         raise ShapeError(
-            f"rope_append_kv: qkv has {qkv.shape[1]} features, expected (Hq + 2 Hk) * D = "
+            f"{op}: qkv has {qkv.shape[1]} features, expected (Hq + 2 Hk) * D = "
             f"({num_heads} + 2 * {hk}) * {d} = {(num_heads + 2 * hk) * d}"
         )
     if cos.dim() != 2 or cos.shape[1] != d or sin.shape != cos.shape or d % 2:
-        raise ShapeError(f"rope_append_kv: cos/sin must be [positions, D={d}] (D even), got "
+        raise ShapeError(f"{op}: cos/sin must be [positions, D={d}] (D even), got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
     if (q_norm is None) != (k_norm is None):
-        raise ArgumentError("rope_append_kv: give q_norm and k_norm together, or neither")
+        raise ArgumentError(f"{op}: give q_norm and k_norm together, or neither")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w is not None:
             checks.tensor(op, name, w)
@@ -792,7 +837,7 @@ def rope_append_kv(
     if checks.index_checks_on() and cache_seqlens.numel():
         hi = int(cache_seqlens.max())
         if hi >= cos.shape[0]:
-            raise ShapeError(f"rope_append_kv: position {hi} is outside cos/sin's "
+            raise ShapeError(f"{op}: position {hi} is outside cos/sin's "
                              f"{cos.shape[0]} rows")  # fmt: skip
 
 

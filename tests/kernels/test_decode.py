@@ -202,6 +202,140 @@ MLA_CASES = sizes(
 )
 
 
+def _rope_step(bsz, hq, hk, d, cap, dtype, paged, lens, norm):
+    """Inputs of a rope_append_fmha_decode step: a fused q/k/v row per sequence (a view with
+    padded rows), rope tables, caches whose new-token slots hold NaN (so a kernel that reads
+    them before writing them fails), lengths before the token and the q/k norm weights."""
+    from kernforge.llm.config import preset
+    from kernforge.llm.model import rope_tables
+
+    k, v, bt = make_cache(bsz, cap, hk, d, dtype, paged)
+    lens = _lens(lens)
+    nan = torch.full((bsz, 1, hk, d), float("nan"), device=DEVICE, dtype=dtype)
+    with kf.backend("torch"):
+        ops.append_kv(nan, nan, k, v, lens, bt)
+    cfg = preset("tiny").replace(num_heads=hq, num_kv_heads=hk, head_dim=d)
+    cos, sin = rope_tables(cfg, cap, dtype, DEVICE)
+    qkv = torch.randn(bsz, (hq + 2 * hk) * d + 5, device=DEVICE).to(dtype)[:, :-5]
+    qn = kn = None
+    if norm:
+        qn, kn = (1 + 0.1 * torch.randn(d, device=DEVICE)).to(dtype), \
+            (1 + 0.1 * torch.randn(d, device=DEVICE)).to(dtype)  # fmt: skip
+    return qkv, cos, sin, lens, k, v, bt, qn, kn
+
+
+def check_rope_step(args, hq, dtype, splits=None, **kw):
+    """rope_append_fmha_decode on Triton (or its kernel with forced ``splits``) against the
+    float64 reference: the output, and both caches after the append."""
+    qkv, cos, sin, lens, k, v, bt, qn, kn = args
+    want_k, want_v = f64(k, v)
+    want = reference(ops.rope_append_fmha_decode, *f64(qkv, cos, sin), lens, want_k, want_v, hq,
+                     bt, *f64(qn, kn), **kw)  # fmt: skip
+    if splits is None:
+        with kf.backend("triton"):
+            out = ops.rope_append_fmha_decode(qkv, cos, sin, lens, k, v, hq, bt, qn, kn, **kw)
+    else:
+        d = k.shape[-1]
+        q = qkv[:, : hq * d].view(qkv.shape[0], 1, hq, d)
+        rope = decode._Rope(cos, sin, qn, kn, 1e-6)
+        a = decode._Attn(q, None, k, None, v, lens, bt, d**-0.5, None, None, False, rope)
+        out = decode.decode_attention(a, splits=splits)[:, 0]
+    assert out.dtype == dtype
+    assert_close(out, want, dtype, "rope_append_fmha_decode", 2.0)
+    assert_close(k, want_k, dtype, "k_cache")
+    assert_close(v, want_v, dtype, "v_cache")
+
+
+#: (batch, Hq, Hk, D, cache capacity, lengths before the new token).
+ROPE_CASES = sizes(
+    cpu=[(3, 4, 2, 32, 48, [0, 7, 40]), (2, 6, 1, 24, 40, [19, 3]), (1, 2, 2, 16, 20, [19])],
+    gpu=[
+        (4, 12, 2, 128, 4100, [0, 130, 1000, 4096]),
+        (2, 32, 8, 128, 600, [511, 17]),
+        (3, 16, 4, 64, 300, [299, 1, 64]),
+    ],  # fmt: skip
+)
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "qk_norm"])
+@pytest.mark.parametrize("paged", [None, 16], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", ROPE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_append_fmha_decode_matches_reference(case, paged, norm, dtype):
+    """The fused step against rope_append_kv then fmha_decode in float64: lengths 0, odd, one
+    short of the capacity; GQA and MQA; head dims 16-128; Qwen3's q/k norm."""
+    bsz, hq, hk, d, cap, lens = case
+    args = _rope_step(bsz, hq, hk, d, cap, dtype, paged, lens, norm)
+    check_rope_step(args, hq, dtype)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("paged", [None, 8], ids=["contiguous", "paged"])
+def test_rope_append_fmha_decode_splits(splits, paged):
+    """The program that appends is the one whose KV slice holds the new token, wherever that
+    slice is; the other slices do not read the token's slot (its NaN would show)."""
+    args = _rope_step(3, 4, 2, 32, 50, torch.bfloat16, paged, [49, 20, 0], norm=True)
+    check_rope_step(args, 4, torch.bfloat16, splits=splits)
+
+
+@pytest.mark.parametrize("kw", [{"window": 5}, {"window": (0, 0)}, {"scale": 0.3}], ids=str)
+def test_rope_append_fmha_decode_window_scale(kw):
+    args = _rope_step(2, 4, 2, 16, 32, torch.float32, 16, [31, 9], norm=False)
+    check_rope_step(args, 4, torch.float32, **kw)
+
+
+def test_rope_append_fmha_decode_bad_input(check_indices):
+    qkv, cos, sin, lens, k, v, bt, _, _ = _rope_step(2, 4, 2, 16, 32, torch.float16, None,
+                                                     [3, 31], norm=False)  # fmt: skip
+    op = ops.rope_append_fmha_decode
+    with pytest.raises(ShapeError, match="rope_append_fmha_decode: qkv has"):
+        op(qkv[:, :-16], cos, sin, lens, k, v, 4)
+    with pytest.raises(ArgumentError, match="num_heads"):
+        op(qkv, cos, sin, lens, k, v, 3)
+    with pytest.raises(ArgumentError, match="together"):
+        op(qkv, cos, sin, lens, k, v, 4, q_norm=torch.ones(16, device=DEVICE))
+    with pytest.raises(ArgumentError, match="scale"):
+        op(qkv, cos, sin, lens, k, v, 4, scale=-1.0)
+    with pytest.raises(ArgumentError, match="window"):
+        op(qkv, cos, sin, lens, k, v, 4, window=-2)
+    with pytest.raises(ShapeError, match="too short"):
+        op(qkv, cos, sin, _lens([3, 32]), k, v, 4)
+    with pytest.raises(DTypeError, match="one dtype|same dtype|dtype"):
+        op(qkv.float(), cos, sin, lens, k, v, 4)
+
+
+def test_rope_append_fmha_decode_opcheck():
+    """The custom op's schema (it mutates the caches), fake tensor and torch.compile paths."""
+    qkv, cos, sin, lens, k, v, bt, qn, kn = _rope_step(2, 4, 2, 16, 32, torch.float16, 16,
+                                                       [3, 20], norm=True)  # fmt: skip
+    torch.library.opcheck(decode.rope_append_fmha_decode_op,
+                          (qkv, cos, sin, lens, k, v, 4, bt, qn, kn, 1e-6, 0.25, None))  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_rope_append_fmha_decode_cuda_graph():
+    """Captured once, replayed over several steps with the lengths advanced in place: each
+    replay appends its token and attends to everything appended so far."""
+    dtype, hq = torch.bfloat16, 12
+    qkv, cos, sin, lens, k, v, bt, qn, kn = _rope_step(2, hq, 2, 128, 300, dtype, 16,
+                                                       [100, 7], norm=True)  # fmt: skip
+    k_ref, v_ref = f64(k, v)
+    with kf.backend("triton"):
+        ops.rope_append_fmha_decode(qkv, cos, sin, lens, k, v, hq, bt, qn, kn)  # compile, tune
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ops.rope_append_fmha_decode(qkv, cos, sin, lens, k, v, hq, bt, qn, kn)
+    for _ in range(3):
+        qkv.copy_(torch.randn_like(qkv))
+        graph.replay()
+        want = reference(ops.rope_append_fmha_decode, *f64(qkv, cos, sin), lens, k_ref, v_ref,
+                         hq, bt, *f64(qn, kn))  # fmt: skip
+        assert_close(out, want, dtype, "graph replay", 2.0)
+        assert_close(k, k_ref, dtype, "k_cache")
+        lens += 1
+
+
 @pytest.mark.parametrize("paged", [None, 16], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("case", MLA_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

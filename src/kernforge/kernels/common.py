@@ -27,8 +27,9 @@ def dependent_launches(enabled: bool = True) -> Iterator[None]:
     """Inside, the kernels of an LLM decode step (rms_norm forward, the GEMV, rope_append_kv,
     decode attention, silu_and_mul) launch as programmatic dependent launches on Hopper: each
     may start while the previous kernel finishes (its blocks wait with ``griddepcontrol.wait``
-    before reading anything that kernel wrote; the GEMV first pulls its share of the weight into
-    L2). A no-op before sm_90 and under the interpreter."""
+    before reading anything that kernel wrote; ``rope_append_fmha_decode`` first loads the
+    cached keys, which the kernel before it does not write). A no-op before sm_90 and under
+    the interpreter."""
     global _pdl
     before = _pdl
     _pdl = (

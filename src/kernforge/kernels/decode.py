@@ -26,6 +26,14 @@ holds positions ``p * page_size ..`` of sequence ``b``; the kernel gathers each 
 Entries it would read outside the table or the cache are skipped, never dereferenced (the
 host check under ``KERNFORGE_CHECK_INDICES=1`` reports them as errors first).
 
+``rope_append_fmha_decode`` runs the same kernel from a decode step's fused q/k/v projection
+(``ROPE``): each program normalizes (Qwen3's q/k norm) and rotates its q rows and the new key,
+attends to the cached keys and then to the new key from registers, and the program whose
+slice holds the new token writes its key and value to the cache. The lengths, the rope rows
+and the slice's first block of cached keys and values are read before the dependent launch
+waits for the projection: their memory latency hides under it (Qwen2.5-1.5B batch-1 decode:
+docs/llm.md).
+
 MLA (``mla_decode``): one latent "KV head" shared by all query heads; scores are
 ``q_abs . ckv + q_rope . kpe`` and the output is ``softmax @ ckv`` (the latent; the caller
 applies ``W_UV``). The same kernel runs it with ``HAS_PE`` (the rope part) and ``SHARED_KV``
@@ -99,21 +107,108 @@ def _key_slots(b64, offs_n, n_ok, BT, s_bt, max_pages, num_pages, page_size, PAG
 
 
 @triton.jit
+def _norm_rope(ptr, x, mask, offs_d, cs, sn, W, eps, D: tl.constexpr, NORM: tl.constexpr):
+    """Rows ``x`` [R, BLOCK_D] (as loaded from ``ptr + offs_d``, ``ptr`` [R, 1]) RMS-normalized
+    per head by weight ``W`` (Qwen3's q/k norm, rounded as Hugging Face's) when NORM, then
+    rotated by the position's cos/sin rows ``cs``/``sn`` [BLOCK_D] (rotate-half: feature d
+    pairs with d + D/2); fp32. Each row is read a second time in its partner order, so no
+    lane has to exchange halves with another."""
+    half: tl.constexpr = D // 2
+    lower = offs_d < half
+    rot = tl.where(lower, offs_d + half, offs_d - half)
+    dt = x.dtype
+    xr = tl.load(ptr + rot[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
+    if NORM:
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        d_ok = offs_d < D
+        w = tl.load(W + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        wr = tl.load(W + rot, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        x = ((x * r).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
+        xr = ((xr * r).to(dt).to(tl.float32) * wr).to(dt).to(tl.float32)
+    return x * cs[None, :] + tl.where(lower[None, :], -xr, xr) * sn[None, :]
+
+
+@triton.jit
+def _kv_tile(
+    K, K2, V, b64, kvh, offs_n, n_ok, skip, BT, s_bt, max_pages, num_pages, page_size,
+    s_kp, s_kt, s_kh, s_k2p, s_k2t, s_k2h, s_vp, s_vt, s_vh, offs_d, d_ok, offs_d2, d2_ok,
+    offs_dv, dv_ok, PAGED: tl.constexpr, HAS_PE: tl.constexpr, SHARED_KV: tl.constexpr,
+):  # fmt: skip
+    """Keys ``offs_n`` of the cache: K, K2 (MLA's rope part; else K again) and V tiles and
+    which keys exist there. Key ``skip`` (the token being appended, held in registers) is
+    neither read nor counted."""
+    page, slot, n_ok = _key_slots(b64, offs_n, n_ok, BT, s_bt, max_pages, num_pages, page_size,
+                                  PAGED)  # fmt: skip
+    ld = n_ok & (offs_n != skip)
+    k = tl.load(K + (page * s_kp + slot * s_kt + kvh * s_kh)[:, None] + offs_d[None, :],
+                mask=ld[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    k2 = k
+    if HAS_PE:
+        k2 = tl.load(K2 + (page * s_k2p + slot * s_k2t + kvh * s_k2h)[:, None] + offs_d2[None, :],
+                     mask=ld[:, None] & d2_ok[None, :], other=0.0)  # fmt: skip
+    v = k  # MLA: the latent is both K (with the rope part) and V
+    if not SHARED_KV:
+        v = tl.load(V + (page * s_vp + slot * s_vt + kvh * s_vh)[:, None] + offs_dv[None, :],
+                    mask=ld[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+    return k, k2, v, ld
+
+
+@triton.jit
+def _log2_scores(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw scores q.k as the base-2 logits of the softmax (scaled, soft-capped)."""
+    if HAS_SOFTCAP:
+        return softcap * _tanh(s * (scale / softcap)) * LOG2E_C
+    return s * (scale * LOG2E_C)
+
+
+@triton.jit
+def _attend(
+    q, q2, k, k2, v, offs_n, n_ok, qpos, m_i, l_i, acc, scale, softcap, window,
+    HAS_PE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One block of keys ``offs_n`` (``n_ok``: they exist) in the online softmax of query rows
+    at positions ``qpos``: the running max ``m_i``, sum ``l_i`` and output ``acc`` after it."""
+    keep = n_ok[None, :] & (offs_n[None, :] <= qpos[:, None])
+    if HAS_WINDOW:
+        keep = keep & (offs_n[None, :] > qpos[:, None] - window)
+    if UPCAST:
+        k, k2, v = k.to(tl.float32), k2.to(tl.float32), v.to(tl.float32)
+    s = _dot(q, tl.trans(k), IEEE)
+    if HAS_PE:
+        s += _dot(q2, tl.trans(k2), IEEE)
+    s = tl.where(keep, _log2_scores(s, scale, softcap, HAS_SOFTCAP), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: no NaN from -inf
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
-    Q, Q2, K, K2, V, Seqlens, BT, Opart, Lpart, Out,
+    Q, Q2, K, K2, V, Seqlens, BT, Opart, Lpart, Out, Cos, Sin, QN, KN,
     Sq, G, R, HK, RC, n_keys_cap, max_pages, num_pages, page_size,
     s_qb, s_qs, s_qh, s_q2b, s_q2s, s_q2h,
     s_kp, s_kt, s_kh, s_k2p, s_k2t, s_k2h, s_vp, s_vt, s_vh,
-    s_bt, s_ob, s_os, s_oh,
-    scale, softcap, window,
+    s_bt, s_ob, s_os, s_oh, s_cos,
+    scale, softcap, window, eps,
     D: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGED: tl.constexpr, HAS_PE: tl.constexpr, SHARED_KV: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
+    ROPE: tl.constexpr, NORM: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    dependent_start(PDL)
+    # With ROPE the lengths, the rope tables and the slice's first block of cached keys and
+    # values are read *before* waiting for the previous kernel (the q/k/v projection, under
+    # PDL), so that their latency hides under it: the decoder writes none of them there.
+    if not ROPE:
+        dependent_start(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -124,6 +219,11 @@ def _decode_kernel(
     b64 = b.to(tl.int64)
 
     L = tl.load(Seqlens + b)
+    if ROPE:
+        L += 1  # Seqlens counts the keys before the new token, which this kernel appends
+    pos_new = L - 1  # with ROPE, the new token's position (held in registers, not read)
+    if not ROPE:
+        pos_new = -1
     if not PAGED:
         L = tl.minimum(L, n_keys_cap)  # never read past a contiguous cache's end
     rows = rc * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,64 +244,85 @@ def _decode_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    offs_d2 = tl.arange(0, BLOCK_D2)
+    d2_ok = offs_d2 < D2
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    if ROPE:
+        cs = tl.load(Cos + pos_new.to(tl.int64) * s_cos + offs_d, mask=d_ok, other=0.0)
+        sn = tl.load(Sin + pos_new.to(tl.int64) * s_cos + offs_d, mask=d_ok, other=0.0)
+        page_n, slot_n, ok_n = _key_slots(b64, pos_new + offs_d * 0, d_ok, BT, s_bt, max_pages,
+                                          num_pages, page_size, PAGED)  # fmt: skip
+        new_ok = (pos_new >= lo) & (pos_new < hi) & (tl.max(ok_n.to(tl.int32), 0) > 0)
+        offs_0 = lo + tl.arange(0, BLOCK_N)
+        k_0, k2_0, v_0, ok_0 = _kv_tile(
+            K, K2, V, b64, kvh, offs_0, offs_0 < hi, pos_new, BT, s_bt, max_pages, num_pages,
+            page_size, s_kp, s_kt, s_kh, s_k2p, s_k2t, s_k2h, s_vp, s_vt, s_vh, offs_d, d_ok,
+            offs_d2, d2_ok, offs_dv, dv_ok, PAGED, HAS_PE, SHARED_KV,
+        )  # fmt: skip
+        dependent_start(PDL)
+
     q_off = b64 * s_qb + s_idx.to(tl.int64)[:, None] * s_qs + head.to(tl.int64)[:, None] * s_qh
-    q = tl.load(Q + q_off + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off + offs_d[None, :], mask=q_mask, other=0.0)
+    if ROPE:
+        # Q rows are the q heads of a fused q/k/v projection row (k heads, then v heads
+        # follow). q and the new key are normalized and rotated here; the program whose
+        # slice holds the new token attends to it from registers and writes its key and
+        # value to the cache for later steps.
+        cs, sn = cs.to(tl.float32), sn.to(tl.float32)
+        q = _norm_rope(Q + q_off, q, q_mask, offs_d, cs, sn, QN, eps, D, NORM)
+        q = q.to(Q.dtype.element_ty)
+        k_src = Q + b64 * s_qb + (HK * G + kvh).to(tl.int64) * s_qh
+        k_new = tl.load(k_src + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        k_new = _norm_rope(k_src, k_new, d_ok[None, :], offs_d, cs, sn, KN, eps, D, NORM)
+        k_new = k_new.to(K.dtype.element_ty)  # [1, BLOCK_D]
+        v_new = tl.load(k_src + HK * s_qh + offs_d, mask=d_ok, other=0.0)
+        v_new = v_new.to(V.dtype.element_ty)
+        if new_ok:
+            k_dst = K + page_n * s_kp + slot_n * s_kt + kvh * s_kh + offs_d
+            tl.store(k_dst[None, :], k_new, mask=ok_n[None, :])
+            tl.store(V + page_n * s_vp + slot_n * s_vt + kvh * s_vh + offs_d, v_new, mask=ok_n)
     if UPCAST:
         q = q.to(tl.float32)
+    q2 = q
     if HAS_PE:
-        offs_d2 = tl.arange(0, BLOCK_D2)
-        d2_ok = offs_d2 < D2
         q2_off = (b64 * s_q2b + s_idx.to(tl.int64)[:, None] * s_q2s
                   + head.to(tl.int64)[:, None] * s_q2h)  # fmt: skip
         q2 = tl.load(Q2 + q2_off + offs_d2[None, :], mask=row_ok[:, None] & d2_ok[None, :],
                      other=0.0)  # fmt: skip
         if UPCAST:
             q2 = q2.to(tl.float32)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
+    first = lo
+    if ROPE:
+        m_i, l_i, acc = _attend(q, q2, k_0, k2_0, v_0, offs_0, ok_0, qpos, m_i, l_i, acc, scale,
+                                softcap, window, HAS_PE, HAS_SOFTCAP, HAS_WINDOW, UPCAST,
+                                IEEE)  # fmt: skip
+        first = lo + BLOCK_N
+    for start in range(first, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        page, slot, n_ok = _key_slots(b64, offs_n, offs_n < hi, BT, s_bt, max_pages, num_pages,
-                                      page_size, PAGED)  # fmt: skip
-        k_off = page * s_kp + slot * s_kt + kvh * s_kh
-        k = tl.load(K + k_off[:, None] + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = _dot(q, tl.trans(k), IEEE)
-        if HAS_PE:
-            k2_off = page * s_k2p + slot * s_k2t + kvh * s_k2h
-            k2 = tl.load(K2 + k2_off[:, None] + offs_d2[None, :],
-                         mask=n_ok[:, None] & d2_ok[None, :], other=0.0)  # fmt: skip
-            if UPCAST:
-                k2 = k2.to(tl.float32)
-            s += _dot(q2, tl.trans(k2), IEEE)
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s * (scale / softcap)) * LOG2E_C
-        else:
-            s = s * (scale * LOG2E_C)
-        keep = n_ok[None, :] & (offs_n[None, :] <= qpos[:, None])
-        if HAS_WINDOW:
-            keep = keep & (offs_n[None, :] > qpos[:, None] - window)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: no NaN from -inf
+        k, k2, v, n_ok = _kv_tile(
+            K, K2, V, b64, kvh, offs_n, offs_n < hi, pos_new, BT, s_bt, max_pages, num_pages,
+            page_size, s_kp, s_kt, s_kh, s_k2p, s_k2t, s_k2h, s_vp, s_vt, s_vh, offs_d, d_ok,
+            offs_d2, d2_ok, offs_dv, dv_ok, PAGED, HAS_PE, SHARED_KV,
+        )  # fmt: skip
+        m_i, l_i, acc = _attend(q, q2, k, k2, v, offs_n, n_ok, qpos, m_i, l_i, acc, scale,
+                                softcap, window, HAS_PE, HAS_SOFTCAP, HAS_WINDOW, UPCAST,
+                                IEEE)  # fmt: skip
+    if ROPE:  # the new token, the newest key: a rank-1 update from registers
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1)
+        s_new = _log2_scores(s_new, scale, softcap, HAS_SOFTCAP)
+        s_new = tl.where(row_ok & new_ok, s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if SHARED_KV:
-            v = k  # MLA: the latent is both K (with the rope part) and V
-        else:
-            v_off = page * s_vp + slot * s_vt + kvh * s_vh
-            v = tl.load(V + v_off[:, None] + offs_dv[None, :],
-                        mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
-            if UPCAST:
-                v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        p = tl.exp2(s_new - m_safe)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
 
     has = l_i > 0.0
@@ -315,9 +436,12 @@ class DecodeConfig:
 #: up to 1.8x slower. MLA: 16 rows x 4 warps for few heads (124 us at B=16 x 8k x 16 heads,
 #: the best); 64 rows x 8 warps when 64+ query rows share the latent (428 us vs 675 us with
 #: 32 rows at 128 heads: the latent tile feeds twice the rows). Head dim 256 takes smaller
-#: tiles (shared memory; not measured). Under the interpreter programs run one after another:
-#: small key blocks keep the tests crossing block edges.
+#: tiles (shared memory; not measured), and so does float32 (128 x 128 fp32 tiles in 3 stages
+#: need 272 KiB of shared memory, over sm_90's 227; 64-key blocks need 140). Under the
+#: interpreter programs run one after another: small key blocks keep the tests crossing block
+#: edges.
 DEFAULT_MHA = DecodeConfig(block_n=128, num_warps=4, num_stages=3)
+DEFAULT_MHA_FP32 = DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 DEFAULT_MHA_256 = DecodeConfig(block_n=32, num_warps=4, num_stages=2)
 DEFAULT_MLA = DecodeConfig(block_n=32, num_warps=4, num_stages=2, max_rows=16)
 DEFAULT_MLA_WIDE = DecodeConfig(block_n=32, num_warps=8, num_stages=2, max_rows=64)
@@ -366,6 +490,17 @@ def plan_splits(programs: int, key_blocks: int, sms: int, cfg: DecodeConfig) -> 
 
 
 @dataclass(frozen=True)
+class _Rope:
+    """``rope_append_fmha_decode``'s extra inputs: the rope tables and Qwen3's q/k norms."""
+
+    cos: torch.Tensor  # [positions, D]
+    sin: torch.Tensor
+    q_norm: torch.Tensor | None  # [D]
+    k_norm: torch.Tensor | None
+    eps: float
+
+
+@dataclass(frozen=True)
 class _Attn:
     """One decode-attention call, normalised: MHA/GQA and MLA share the kernel."""
 
@@ -380,6 +515,11 @@ class _Attn:
     softcap: float | None
     window: int | None
     shared_kv: bool
+    #: Set: q holds the q heads of a fused q/k/v row (one new token per sequence, its k and v
+    #: after them) and ``seqlens`` the lengths before it; the kernel normalizes and rotates q
+    #: and k, attends to the new key from registers and appends it and v to the cache
+    #: (``rope_append_fmha_decode``).
+    rope: _Rope | None = None
 
 
 def _capacity(k: torch.Tensor, block_table: torch.Tensor | None) -> int:
@@ -415,21 +555,25 @@ def _launch(a: _Attn, cfg: DecodeConfig, splits: int | None = None) -> torch.Ten
     q2 = a.q2 if a.q2 is not None else q
     k2 = a.k2 if a.k2 is not None else k
     d2 = q2.shape[-1] if a.q2 is not None else 16
+    r = a.rope
+    norm = r is not None and r.q_norm is not None
+    cos, sin = (r.cos, r.sin) if r is not None else (q, q)
+    qn, kn = (r.q_norm, r.k_norm) if norm else (q, q)
     _decode_kernel[(programs, splits)](
-        q, q2, k, k2, v, a.seqlens, bt, opart, lpart, out,
+        q, q2, k, k2, v, a.seqlens, bt, opart, lpart, out, cos, sin, qn, kn,
         sq, g, rows, hk, rc, k.shape[1], bt.shape[-1] if paged else 1, k.shape[0],
         k.shape[1] if paged else 1,
         q.stride(0), q.stride(1), q.stride(2), q2.stride(0), q2.stride(1), q2.stride(2),
         k.stride(0), k.stride(1), k.stride(2), k2.stride(0), k2.stride(1), k2.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        bt.stride(0) if paged else 0, out.stride(0), out.stride(1), out.stride(2),
-        float(a.scale), float(a.softcap or 1.0), int(a.window or 0),
+        bt.stride(0) if paged else 0, out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
+        float(a.scale), float(a.softcap or 1.0), int(a.window or 0), r.eps if r else 0.0,
         D=d, D2=d2, DV=dv, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_D2=max(16, triton.next_power_of_2(d2)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         PAGED=paged, HAS_PE=a.q2 is not None, SHARED_KV=a.shared_kv,
         HAS_SOFTCAP=a.softcap is not None, HAS_WINDOW=a.window is not None, DIRECT=direct,
-        UPCAST=device.INTERPRET, IEEE=q.dtype == torch.float32,
+        ROPE=r is not None, NORM=norm, UPCAST=device.INTERPRET, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
     )  # fmt: skip
     if not direct:
@@ -453,7 +597,9 @@ def _pick(a: _Attn) -> DecodeConfig:
         wide = sq * (hq // hk) >= DEFAULT_MLA_WIDE.max_rows
         tuner, default = MLA_TUNER, (DEFAULT_MLA_WIDE if wide else DEFAULT_MLA)
     else:
-        tuner, default = MHA_TUNER, (DEFAULT_MHA if d <= 128 else DEFAULT_MHA_256)
+        tuner, default = MHA_TUNER, DEFAULT_MHA_256 if d > 128 else DEFAULT_MHA
+        if d <= 128 and q.dtype == torch.float32:
+            default = DEFAULT_MHA_FP32
     key = (tune.bucket(bsz * hk), tune.bucket(_capacity(k, a.block_table)), sq * (hq // hk), d,
            a.v.shape[-1], q.dtype, a.block_table is not None)  # fmt: skip
     return tuner.pick(key, lambda cfg: _launch(a, cfg), default)
@@ -605,7 +751,8 @@ def normalize_window(op: str, window) -> int | None:
     return None if left == -1 else left + 1
 
 
-def _check_scalars(op: str, scale, softcap) -> None:
+def check_scalars(op: str, scale, softcap) -> None:
+    """Raise ArgumentError unless ``scale`` and ``softcap`` are None or finite and positive."""
     if scale is not None and (not isinstance(scale, int | float) or isinstance(scale, bool)
                               or not math.isfinite(scale) or scale <= 0):  # fmt: skip
         raise ArgumentError(f"{op}: scale={scale!r}; pass a finite float > 0 or None")
@@ -647,7 +794,7 @@ def check_fmha_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, so
     _index_tensor(op, "cache_seqlens", cache_seqlens, (bsz,), "keys per sequence, new included")
     checks.same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
                  block_table=block_table)  # fmt: skip
-    _check_scalars(op, scale, softcap)
+    check_scalars(op, scale, softcap)
     normalize_window(op, window)
     if checks.index_checks_on():
         _check_cache_indices(op, k_cache, cache_seqlens, block_table)
@@ -722,7 +869,7 @@ def check_mla_decode(q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens, block_
     _index_tensor(op, "cache_seqlens", cache_seqlens, (bsz,), "keys per sequence, new included")
     checks.same_device(op, q_nope=q_nope, q_rope=q_rope, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
                  cache_seqlens=cache_seqlens, block_table=block_table)  # fmt: skip
-    _check_scalars(op, scale, None)
+    check_scalars(op, scale, None)
     if checks.index_checks_on():
         _check_cache_indices(op, ckv_cache, cache_seqlens, block_table)
 
@@ -776,6 +923,36 @@ def _(q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens, block_table, scale):
     return q_nope.new_empty(q_nope.shape)
 
 
+@torch.library.custom_op("kernforge::rope_append_fmha_decode", mutates_args=("k_cache", "v_cache"))
+def rope_append_fmha_decode_op(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    block_table: torch.Tensor | None,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """The decode kernel with the new token's q/k norm, rope and cache append in front."""
+    d = k_cache.shape[-1]
+    q = qkv[:, : num_heads * d].view(qkv.shape[0], 1, num_heads, d)
+    a = _Attn(q, None, k_cache, None, v_cache, cache_seqlens, block_table, scale, None, window,
+              shared_kv=False, rope=_Rope(cos, sin, q_norm, k_norm, eps))  # fmt: skip
+    return decode_attention(a)
+
+
+@rope_append_fmha_decode_op.register_fake
+def _(qkv, cos, sin, cache_seqlens, k_cache, v_cache, num_heads, block_table, q_norm, k_norm,
+      eps, scale, window):  # fmt: skip
+    return qkv.new_empty((qkv.shape[0], 1, num_heads, k_cache.shape[-1]))
+
+
 @torch.library.custom_op("kernforge::append_kv", mutates_args=("k_cache", "v_cache"))
 def append_kv_op(
     k_new: torch.Tensor,
@@ -827,6 +1004,17 @@ def _supports_append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_tab
         k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)  # fmt: skip
 
 
+def _supports_rope_append_fmha_decode(qkv, cos, sin, cache_seqlens, k_cache, v_cache,
+                                      num_heads, block_table=None, q_norm=None, k_norm=None,
+                                      eps=1e-6, scale=None, window=None):  # fmt: skip
+    reason = triton_reason(qkv, cos, sin, k_cache, v_cache, q_norm, k_norm)
+    if reason is None and wants_grad(qkv, k_cache, v_cache):
+        reason = "gradients requested (the Triton decode kernel is inference-only)"
+    if reason is None and k_cache.shape[-1] > 512:
+        reason = f"head dim {k_cache.shape[-1]} > 512"
+    return reason or _last_dim_unit(qkv=qkv, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache)
+
+
 def default_scale(d: int, scale: float | None) -> float:
     """``scale``, or ``1 / sqrt(d)`` when None."""
     return float(scale) if scale is not None else 1.0 / math.sqrt(d)
@@ -849,6 +1037,18 @@ def mla_decode_triton(q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens, block
     sc = default_scale(q_nope.shape[-1] + q_rope.shape[-1], scale)
     return op_call(mla_decode_op, q_nope, q_rope, ckv_cache, kpe_cache, cache_seqlens,
                    block_table, sc)  # fmt: skip
+
+
+@register_impl("rope_append_fmha_decode", "triton", supports=_supports_rope_append_fmha_decode)
+def rope_append_fmha_decode_triton(qkv, cos, sin, cache_seqlens, k_cache, v_cache, num_heads,
+                                   block_table=None, q_norm=None, k_norm=None, eps=1e-6,
+                                   scale=None, window=None):  # fmt: skip
+    """One Triton kernel: q/k norm, rope and cache append in front of the decode attention."""
+    w = normalize_window("rope_append_fmha_decode", window)
+    sc = default_scale(k_cache.shape[-1], scale)
+    out = op_call(rope_append_fmha_decode_op, qkv, cos, sin, cache_seqlens, k_cache, v_cache,
+                  num_heads, block_table, q_norm, k_norm, float(eps), sc, w)  # fmt: skip
+    return out[:, 0]
 
 
 def _heads4(x: torch.Tensor) -> torch.Tensor:
@@ -948,6 +1148,22 @@ def append_kv_torch(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=N
         idx = (block_table.long().gather(1, pos // ps), pos % ps)
     k_cache[idx] = k_new.to(k_cache.dtype)
     v_cache[idx] = v_new.to(v_cache.dtype)
+
+
+@register_impl("rope_append_fmha_decode", "torch")
+def rope_append_fmha_decode_torch(qkv, cos, sin, cache_seqlens, k_cache, v_cache, num_heads,
+                                  block_table=None, q_norm=None, k_norm=None, eps=1e-6,
+                                  scale=None, window=None):  # fmt: skip
+    """Reference: ``rope_append_kv`` then ``fmha_decode``, both on the torch backend."""
+    from .. import ops
+    from ..dispatch import backend
+
+    with backend("torch"):
+        q = ops.rope_append_kv(qkv, cos, sin, cache_seqlens, k_cache, v_cache, num_heads,
+                               block_table, q_norm, k_norm, eps)  # fmt: skip
+        o = ops.fmha_decode(q[:, None], k_cache, v_cache, cache_seqlens + 1, block_table, scale,
+                            window=window)  # fmt: skip
+    return o[:, 0]
 
 
 def _tune_cli(shape: tuple[int, ...], dtype: torch.dtype) -> None:

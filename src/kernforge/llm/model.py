@@ -3,7 +3,7 @@ decode step of one new token per sequence, both writing keys and values to a :cl
 
 Per layer, on the residual stream ``h``: ``fused_linear`` for q/k/v (the attention norm and
 the bias fused); for prefill ``rope``, the cache write and ``fmha_varlen``; for decode
-``rope_append_kv`` (qk-norm, rope and the cache write in one kernel) and ``fmha_decode``; then
+``rope_append_fmha_decode`` (qk-norm, rope, the cache write and attention in one kernel); then
 ``fused_linear`` o (the residual add fused), ``fused_linear`` gate/up (the MLP norm and SwiGLU
 fused: gate and up rows interleaved in the weight) and ``fused_linear`` down (the residual
 add); at the end ``fused_linear`` for the head (the final norm). With at most 16 rows (decode)
@@ -103,15 +103,13 @@ class Decoder:
         c, rows = self.config, tokens.shape[0]
         h = F.embedding(tokens, self.weights.embed)
         table = cache.table(rows)
-        lens_after = lens + 1
         for i, layer in enumerate(self.weights.layers):
             qkv = ops.fused_linear(h, layer.qkv, layer.qkv_bias, layer.attn_norm, c.rms_eps)
             k_cache, v_cache = cache.layer(i)
             if table is None:
                 k_cache, v_cache = k_cache[:rows], v_cache[:rows]
-            q = ops.rope_append_kv(qkv, self.cos, self.sin, lens, k_cache, v_cache, c.num_heads,
-                                   table, layer.q_norm, layer.k_norm, c.rms_eps)  # fmt: skip
-            o = ops.fmha_decode(q[:, None], k_cache, v_cache, lens_after, table,
-                                window=self.window)  # fmt: skip
+            o = ops.rope_append_fmha_decode(qkv, self.cos, self.sin, lens, k_cache, v_cache,
+                                            c.num_heads, table, layer.q_norm, layer.k_norm,
+                                            c.rms_eps, window=self.window)  # fmt: skip
             h = self._mlp(ops.fused_linear(o.view(rows, c.q_size), layer.o, residual=h), layer)
         return self._logits(h)
