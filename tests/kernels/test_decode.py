@@ -139,6 +139,29 @@ def test_reference_semantics_independent():
             torch.testing.assert_close(own[b, i].cpu(), want)
 
 
+@pytest.mark.parametrize("paged", [None, 8], ids=["contiguous", "paged"])
+def test_reference_ignores_unwritten_slots(paged):
+    """Cache slots past each sequence's length may hold NaN or inf (the LLM's cache is
+    torch.empty): neither the torch reference nor the kernel lets them into the output."""
+    k, v, bt = make_cache(2, 24, 2, 16, torch.float32, paged)
+    lens = _lens([9, 24])
+    q = torch.randn(2, 1, 4, 16, device=DEVICE)
+    want = reference(ops.fmha_decode, q, k, v, lens, bt)
+    kg, vg = decode.gather_cache(k, bt), decode.gather_cache(v, bt)  # views when contiguous
+    for c, g in ((k, kg), (v, vg)):
+        g = g.clone()
+        g[0, 9:] = float("nan")
+        g[0, 10:] = float("inf")
+        if bt is None:
+            c.copy_(g)
+        else:  # scatter back through the block table
+            c[bt.long()] = g.view(2, -1, 8, *c.shape[2:])
+    for name in ("torch", "triton"):
+        with kf.backend(name):
+            got = ops.fmha_decode(q, k, v, lens, bt)
+        assert_close(got, want, torch.float32, f"{name} with NaN/inf past the lengths")
+
+
 def test_fmha_decode_strided_views():
     """q as a slice of a fused qkv tensor, K and V as views into one [B, S, 2, Hk, D] cache:
     read in place through their strides."""

@@ -1090,9 +1090,12 @@ def _keep_mask(seqlens, sq: int, n: int, window: int | None, dev) -> torch.Tenso
 
 def _softmax_av(scores, keep, v, dtype):
     """softmax over keys of ``scores`` [B, H, Sq, n] where ``keep`` [B, 1, Sq, n], then @ v
-    [B, H or 1, n, DV]; rows with no visible key give zeros."""
+    [B, H or 1, n, DV]; rows with no visible key give zeros. Values no row sees are zeroed
+    first: cache slots past a sequence's length hold whatever the memory held (NaN/inf too),
+    and a zero weight times NaN is NaN."""
     scores = scores.masked_fill(~keep, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    v = v.masked_fill(~keep.any(dim=2)[..., None], 0.0)
     return (p @ v).to(dtype)
 
 
