@@ -9,9 +9,10 @@ from kernforge import backend, ops
 from kernforge.errors import ArgumentError, ShapeError
 from kernforge.llm.config import preset
 from kernforge.llm.model import rope_tables
+from tests.helpers import DEVICE
 
 
-def _case(bsz, hq, hk, d, dtype, paged, device="cpu"):
+def _case(bsz, hq, hk, d, dtype, paged, device=DEVICE):
     cfg = preset("tiny").replace(num_heads=hq, num_kv_heads=hk, head_dim=d)
     cos, sin = rope_tables(cfg, 64, dtype, torch.device(device))
     qkv = torch.randn(bsz, (hq + 2 * hk) * d + 3, dtype=dtype, device=device)[:, :-3]  # strided
@@ -36,7 +37,8 @@ def test_matches_unfused_reference(shape, norm, paged, dtype):
     v_cache = torch.randn_like(k_cache)
     qn = kn = None
     if norm:
-        qn, kn = 1 + 0.1 * torch.randn(d, dtype=dtype), 1 + 0.1 * torch.randn(d, dtype=dtype)
+        qn = 1 + 0.1 * torch.randn(d, dtype=dtype, device=DEVICE)
+        kn = 1 + 0.1 * torch.randn(d, dtype=dtype, device=DEVICE)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     with backend("torch"):
         want = ops.rope_append_kv(qkv, cos, sin, lens, ref_k, ref_v, hq, table, qn, kn)
@@ -65,6 +67,7 @@ def test_errors():
     with pytest.raises(ArgumentError, match="num_heads"):
         ops.rope_append_kv(qkv, cos, sin, lens, k_cache, v_cache, 3)
     with pytest.raises(ArgumentError, match="together"):
-        ops.rope_append_kv(qkv, cos, sin, lens, k_cache, v_cache, 4, q_norm=torch.ones(16))
+        ops.rope_append_kv(qkv, cos, sin, lens, k_cache, v_cache, 4,
+                           q_norm=torch.ones(16, device=DEVICE))  # fmt: skip
     with pytest.raises(ShapeError, match="cos"):
         ops.rope_append_kv(qkv, cos[:, :8], sin[:, :8], lens, k_cache, v_cache, 4)
