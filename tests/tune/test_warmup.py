@@ -35,7 +35,8 @@ def test_in_process_jobs_report_each_op_and_failures():
     assert not report.results[0].error and not report.results[1].error
     assert "ROWSxHIDDEN" in report.results[2].error
     assert not report.ok and report.interpret and report.workers == 0
-    assert report.triton_kernels == (0, 0)  # the interpreter compiles nothing
+    before, after = report.triton_kernels
+    assert after == before  # the interpreter compiles nothing
     assert "FAILED" in report.summary()
 
 
@@ -54,7 +55,8 @@ def test_model_warmup_runs_prefill_and_decode_and_llm_hook(monkeypatch):
     assert report.ok, report.summary()
     ran = report.results[0]
     assert ran.job.label() == "batch x prompt 2x5" and ran.job.llm == (("max_seq_len", 64),)
-    for op in ("fused_linear:triton", "rms_norm:triton", "swiglu:triton", "fmha_decode:triton"):
+    for op in ("fused_linear:triton", "rms_norm:triton", "swiglu:triton",
+               "rope_append_fmha_decode:triton"):  # fmt: skip
         assert op in ran.backends
     assert any(b.startswith("fmha_varlen:") for b in ran.backends)  # the prefill ran too
     # LLM(..., warmup=N) warms up at load with N workers.
