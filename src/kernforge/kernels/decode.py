@@ -64,6 +64,7 @@ from .common import (
     upcast,
     wants_grad,
 )
+from .rope_append import norm_rope
 
 LOG2E = 1.4426950408889634
 #: dtypes of the caches and queries the Triton kernels take.
@@ -104,29 +105,6 @@ def _key_slots(b64, offs_n, n_ok, BT, s_bt, max_pages, num_pages, page_size, PAG
         return page.to(tl.int64), (offs_n % page_size).to(tl.int64), ok
     slot = offs_n.to(tl.int64)
     return slot * 0 + b64, slot, n_ok  # both branches return vectors (Triton needs one type)
-
-
-@triton.jit
-def _norm_rope(ptr, x, mask, offs_d, cs, sn, W, eps, D: tl.constexpr, NORM: tl.constexpr):
-    """Rows ``x`` [R, BLOCK_D] (as loaded from ``ptr + offs_d``, ``ptr`` [R, 1]) RMS-normalized
-    per head by weight ``W`` (Qwen3's q/k norm, rounded as Hugging Face's) when NORM, then
-    rotated by the position's cos/sin rows ``cs``/``sn`` [BLOCK_D] (rotate-half: feature d
-    pairs with d + D/2); fp32. Each row is read a second time in its partner order, so no
-    lane has to exchange halves with another."""
-    half: tl.constexpr = D // 2
-    lower = offs_d < half
-    rot = tl.where(lower, offs_d + half, offs_d - half)
-    dt = x.dtype
-    xr = tl.load(ptr + rot[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = x.to(tl.float32)
-    if NORM:
-        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-        d_ok = offs_d < D
-        w = tl.load(W + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        wr = tl.load(W + rot, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        x = ((x * r).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
-        xr = ((xr * r).to(dt).to(tl.float32) * wr).to(dt).to(tl.float32)
-    return x * cs[None, :] + tl.where(lower[None, :], -xr, xr) * sn[None, :]
 
 
 @triton.jit
@@ -271,11 +249,11 @@ def _decode_kernel(
         # slice holds the new token attends to it from registers and writes its key and
         # value to the cache for later steps.
         cs, sn = cs.to(tl.float32), sn.to(tl.float32)
-        q = _norm_rope(Q + q_off, q, q_mask, offs_d, cs, sn, QN, eps, D, NORM)
+        q = norm_rope(Q + q_off, q, q_mask, offs_d, cs, sn, QN, eps, D, NORM)
         q = q.to(Q.dtype.element_ty)
         k_src = Q + b64 * s_qb + (HK * G + kvh).to(tl.int64) * s_qh
         k_new = tl.load(k_src + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        k_new = _norm_rope(k_src, k_new, d_ok[None, :], offs_d, cs, sn, KN, eps, D, NORM)
+        k_new = norm_rope(k_src, k_new, d_ok[None, :], offs_d, cs, sn, KN, eps, D, NORM)
         k_new = k_new.to(K.dtype.element_ty)  # [1, BLOCK_D]
         v_new = tl.load(k_src + HK * s_qh + offs_d, mask=d_ok, other=0.0)
         v_new = v_new.to(V.dtype.element_ty)

@@ -6,7 +6,9 @@ into the KV cache (contiguous or paged) and return the rotated q.
 Unfused this is two to four launches per layer (rope, append_kv, two norms), each a few
 microseconds of launch latency for a few kilobytes of data: at batch 1 a 28-layer model spends
 more time launching them than computing. One program per (sequence, head): programs of the q
-heads write q, those of the KV heads write k and v to the cache.
+heads write q, those of the KV heads write k and v to the cache. The norm and rotation
+(:func:`norm_rope`) also serve the decode attention kernel, which runs them for
+``rope_append_fmha_decode`` (what kernforge.llm's decode step calls).
 """
 
 from __future__ import annotations
@@ -20,10 +22,34 @@ from .common import dependent_start, new_output, op_call, pdl_args, triton_reaso
 
 
 @triton.jit
+def norm_rope(ptr, x, mask, offs_d, cs, sn, W, eps, D: tl.constexpr, NORM: tl.constexpr):
+    """Rows ``x`` [R, BLOCK_D] (as loaded from ``ptr + offs_d``, ``ptr`` [R, 1]) RMS-normalized
+    per head by weight ``W`` (Qwen3's q/k norm, rounded as Hugging Face's) when NORM, then
+    rotated by the position's cos/sin rows ``cs``/``sn`` [BLOCK_D] (rotate-half: feature d
+    pairs with d + D/2); fp32. Each row is read a second time in its partner order, so no
+    lane has to exchange halves with another. Shared with the decode attention kernel's
+    ``rope_append_fmha_decode`` mode."""
+    half: tl.constexpr = D // 2
+    lower = offs_d < half
+    rot = tl.where(lower, offs_d + half, offs_d - half)
+    dt = x.dtype
+    xr = tl.load(ptr + rot[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
+    if NORM:
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        d_ok = offs_d < D
+        w = tl.load(W + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        wr = tl.load(W + rot, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        x = ((x * r).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
+        xr = ((xr * r).to(dt).to(tl.float32) * wr).to(dt).to(tl.float32)
+    return x * cs[None, :] + tl.where(lower[None, :], -xr, xr) * sn[None, :]
+
+
+@triton.jit
 def _rope_append_kernel(
     QKV, Cos, Sin, Seqlens, KC, VC, BT, Q, QN, KN, eps,
     HQ, HK, s_qkv, s_cos, s_bt, s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, page_size,
-    HALF: tl.constexpr, BLOCK: tl.constexpr, PAGED: tl.constexpr, NORM: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, PAGED: tl.constexpr, NORM: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     dependent_start(PDL)
@@ -31,32 +57,16 @@ def _rope_append_kernel(
     h = tl.program_id(1)
     pos = tl.load(Seqlens + b).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    ok = offs < HALF
-    row = QKV + b * s_qkv + h.to(tl.int64) * (2 * HALF)
-    x1 = tl.load(row + offs, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(row + HALF + offs, mask=ok, other=0.0).to(tl.float32)
-    is_q = h < HQ
-    if NORM:  # per-head RMSNorm (q_norm for q heads, k_norm for k heads), rounded as HF does
-        r = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
-        w1 = tl.where(is_q, tl.load(QN + offs, mask=ok, other=0.0),
-                      tl.load(KN + offs, mask=ok, other=0.0)).to(tl.float32)  # fmt: skip
-        w2 = tl.where(is_q, tl.load(QN + HALF + offs, mask=ok, other=0.0),
-                      tl.load(KN + HALF + offs, mask=ok, other=0.0)).to(tl.float32)  # fmt: skip
-        x1 = (x1 * r).to(QKV.dtype.element_ty).to(tl.float32) * w1
-        x2 = (x2 * r).to(QKV.dtype.element_ty).to(tl.float32) * w2
-        x1 = x1.to(QKV.dtype.element_ty).to(tl.float32)
-        x2 = x2.to(QKV.dtype.element_ty).to(tl.float32)
-    c1 = tl.load(Cos + pos * s_cos + offs, mask=ok, other=0.0).to(tl.float32)
-    c2 = tl.load(Cos + pos * s_cos + HALF + offs, mask=ok, other=0.0).to(tl.float32)
-    s1 = tl.load(Sin + pos * s_cos + offs, mask=ok, other=0.0).to(tl.float32)
-    s2 = tl.load(Sin + pos * s_cos + HALF + offs, mask=ok, other=0.0).to(tl.float32)
-    y1 = x1 * c1 - x2 * s1
-    y2 = x2 * c2 + x1 * s2
-    if is_q:
-        out = Q + (b * HQ + h) * (2 * HALF)
-        tl.store(out + offs, y1.to(Q.dtype.element_ty), mask=ok)
-        tl.store(out + HALF + offs, y2.to(Q.dtype.element_ty), mask=ok)
+    ok = offs < D
+    row = QKV + b * s_qkv + h.to(tl.int64) * D
+    x = tl.load(row + offs[None, :], mask=ok[None, :], other=0.0)
+    cs = tl.load(Cos + pos * s_cos + offs, mask=ok, other=0.0).to(tl.float32)
+    sn = tl.load(Sin + pos * s_cos + offs, mask=ok, other=0.0).to(tl.float32)
+    if h < HQ:
+        y = norm_rope(row, x, ok[None, :], offs, cs, sn, QN, eps, D, NORM)
+        tl.store(Q + (b * HQ + h) * D + offs[None, :], y.to(Q.dtype.element_ty), mask=ok[None, :])
     else:
+        y = norm_rope(row, x, ok[None, :], offs, cs, sn, KN, eps, D, NORM)
         j = (h - HQ).to(tl.int64)
         if PAGED:
             page = tl.load(BT + b * s_bt + pos // page_size).to(tl.int64)
@@ -65,14 +75,10 @@ def _rope_append_kernel(
             page = b
             slot = pos
         k_dst = KC + page * s_kcp + slot * s_kct + j * s_kch
-        tl.store(k_dst + offs, y1.to(KC.dtype.element_ty), mask=ok)
-        tl.store(k_dst + HALF + offs, y2.to(KC.dtype.element_ty), mask=ok)
-        v_src = QKV + b * s_qkv + (HQ + HK + j) * (2 * HALF)
-        v_dst = VC + page * s_vcp + slot * s_vct + j * s_vch
-        v1 = tl.load(v_src + offs, mask=ok)
-        v2 = tl.load(v_src + HALF + offs, mask=ok)
-        tl.store(v_dst + offs, v1.to(VC.dtype.element_ty), mask=ok)
-        tl.store(v_dst + HALF + offs, v2.to(VC.dtype.element_ty), mask=ok)
+        tl.store(k_dst + offs[None, :], y.to(KC.dtype.element_ty), mask=ok[None, :])
+        v = tl.load(QKV + b * s_qkv + (HQ + HK + j) * D + offs, mask=ok)
+        tl.store(VC + page * s_vcp + slot * s_vct + j * s_vch + offs, v.to(VC.dtype.element_ty),
+                 mask=ok)  # fmt: skip
 
 
 @torch.library.custom_op("kernforge::rope_append_kv", mutates_args=("k_cache", "v_cache"))
@@ -96,7 +102,7 @@ def rope_append_kv_kernel(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_cache.shape[1] if paged else 1,
-        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), PAGED=paged, NORM=norm, num_warps=1,
+        D=d, BLOCK=triton.next_power_of_2(d), PAGED=paged, NORM=norm, num_warps=1,
         **pdl_args(),
     )  # fmt: skip
     return q
